@@ -1,0 +1,1 @@
+"""cs336: the whole stack in one command (``cs336 quickstart``)."""
