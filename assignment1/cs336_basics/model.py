@@ -1,0 +1,365 @@
+"""The CS336 Transformer language model, written from scratch, top to bottom.
+
+Pre-norm decoder-only Transformer (Llama-style): RMSNorm, causal multi-head self-attention with
+rotary position embeddings (RoPE, Su et al. 2021, rotating *adjacent* pairs ``(x[2i], x[2i+1])``),
+SwiGLU feed-forward (Shazeer 2020), no biases. Options for the course's ablations: ``norm="post"``
+or ``"none"``, ``use_rope=False`` (NoPE), ``ffn="silu"``, ``tie_embeddings=True``.
+
+The attention kernel is chosen once, at construction (``attn_backend``): ``"math"`` (our own
+softmax attention below), ``"sdpa"`` (``torch.nn.functional.scaled_dot_product_attention``),
+``"flash"`` (``cs336_systems.flash_attention.flash_attn_mha``) or any callable
+``attn_fn(q, k, v, is_causal) -> o`` on ``(B, H, T, D)`` tensors. ``forward`` never branches on it.
+
+Shapes: B batch, T sequence, H heads, D head dim, C d_model, F d_ff, V vocab.
+
+    from cs336_basics.model import TransformerLM
+    lm = TransformerLM(10_000, 256, 512, 4, 16, 1344)      # the course's TinyStories 17M model
+    logits = lm(token_ids)                                  # (B, T) -> (B, T, V)
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+AttnFn = Callable[[Tensor, Tensor, Tensor, bool], Tensor]
+
+
+# ----------------------------------------------------------------------------- leaf ops
+
+
+def silu(x: Tensor) -> Tensor:
+    """SiLU / swish: ``x * sigmoid(x)``."""
+    return x * torch.sigmoid(x)
+
+
+def softmax(x: Tensor, dim: int) -> Tensor:
+    """Numerically stable softmax: subtracting the max makes every ``exp`` ≤ 1."""
+    z = torch.exp(x - x.amax(dim=dim, keepdim=True))
+    return z / z.sum(dim=dim, keepdim=True)
+
+
+class Linear(nn.Module):
+    """``y = x W^T`` without bias; ``W`` is ``(d_out, d_in)`` and starts as
+    N(0, 2 / (d_in + d_out)) truncated at ±3σ (the course's initialization)."""
+
+    def __init__(self, d_in: int, d_out: int, device=None, dtype=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(d_out, d_in, device=device, dtype=dtype))
+        std = math.sqrt(2.0 / (d_in + d_out))
+        nn.init.trunc_normal_(self.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x @ self.weight.T  # (..., d_in) -> (..., d_out)
+
+    def extra_repr(self) -> str:
+        return f"d_in={self.weight.shape[1]}, d_out={self.weight.shape[0]}"
+
+
+class Embedding(nn.Module):
+    """Lookup table ``(vocab_size, d_model)``, initialized N(0, 1) truncated at ±3."""
+
+    def __init__(self, vocab_size: int, d_model: int, device=None, dtype=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, d_model, device=device, dtype=dtype))
+        nn.init.trunc_normal_(self.weight, mean=0.0, std=1.0, a=-3.0, b=3.0)
+
+    def forward(self, token_ids: Tensor) -> Tensor:
+        return self.weight[token_ids]  # (...) -> (..., C)
+
+
+class RMSNorm(nn.Module):
+    """``x / sqrt(mean(x²) + eps) * w`` (Zhang & Sennrich 2019)."""
+
+    def __init__(self, d_model: int, eps: float = 1e-5, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d_model, device=device, dtype=dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        in_dtype = x.dtype
+        x = x.float()  # fp32 for the mean of squares: bf16 loses too much in the sum
+        x = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return (x * self.weight.float()).to(in_dtype)
+
+
+class RotaryPositionalEmbedding(nn.Module):
+    """RoPE: rotate each adjacent pair ``(x[2i], x[2i+1])`` of a query/key vector by the angle
+    ``pos * theta^(-2i/d_k)``. cos/sin tables are precomputed for ``max_seq_len`` positions and
+    kept as non-persistent buffers (not in the state dict: they are a function of the config)."""
+
+    def __init__(self, theta: float, d_k: int, max_seq_len: int, device=None):
+        super().__init__()
+        if d_k % 2:
+            raise ValueError(f"RoPE needs an even head dimension, got d_k={d_k}")
+        inv_freq = theta ** (-torch.arange(0, d_k, 2, device=device, dtype=torch.float64) / d_k)
+        angles = torch.arange(max_seq_len, device=device, dtype=torch.float64)[:, None] * inv_freq
+        self.register_buffer("cos", angles.cos().float(), persistent=False)  # (max_seq_len, D/2)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+        self.max_seq_len = max_seq_len
+
+    def forward(self, x: Tensor, token_positions: Tensor) -> Tensor:
+        """``x`` ``(..., T, D)``, ``token_positions`` ``(..., T)`` broadcastable to x's leading dims."""
+        cos, sin = self.cos[token_positions], self.sin[token_positions]  # (..., T, D/2)
+        x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)  # (..., T, D/2) each: even, odd
+        out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (..., T, D/2, 2)
+        return out.flatten(-2).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def scaled_dot_product_attention(Q: Tensor, K: Tensor, V: Tensor, mask: Tensor | None = None) -> Tensor:
+    """``softmax(Q K^T / sqrt(d_k)) V`` (Vaswani et al. 2017, eq. 1). ``mask`` ``(..., q, k)`` bool,
+    True where a query may attend."""
+    scores = Q @ K.transpose(-2, -1) / math.sqrt(Q.shape[-1])  # (..., q, k)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return softmax(scores, dim=-1) @ V  # (..., q, d_v)
+
+
+def causal_mask(t_q: int, t_k: int, device=None) -> Tensor:
+    """``(t_q, t_k)`` bool mask, aligned bottom-right: query i sits at position ``t_k - t_q + i``
+    (so it also serves a KV-cache chunk whose keys start earlier)."""
+    return torch.ones(t_q, t_k, dtype=torch.bool, device=device).tril(diagonal=t_k - t_q)
+
+
+def math_attention(q: Tensor, k: Tensor, v: Tensor, is_causal: bool) -> Tensor:
+    """Our own attention as a backend: ``(B, H, T, D)`` in and out."""
+    mask = causal_mask(q.shape[-2], k.shape[-2], q.device) if is_causal else None
+    return scaled_dot_product_attention(q, k, v, mask)
+
+
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, is_causal: bool) -> Tensor:
+    """PyTorch's fused kernel (FlashAttention-2 / memory-efficient on CUDA)."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+
+
+def resolve_attn_backend(backend: str | AttnFn) -> AttnFn:
+    """Turn ``"math"``/``"sdpa"``/``"flash"``/a callable into ``attn_fn(q, k, v, is_causal)``."""
+    if callable(backend):
+        return backend
+    if backend == "math":
+        return math_attention
+    if backend == "sdpa":
+        return sdpa_attention
+    if backend == "flash":
+        try:  # imported lazily: cs336_basics must not depend on cs336_systems
+            module = importlib.import_module("cs336_systems.flash_attention")
+            return module.flash_attn_mha
+        except (ImportError, AttributeError) as e:
+            raise ImportError(
+                "attn_backend='flash' needs cs336_systems.flash_attention.flash_attn_mha "
+                f"(install the cs336-systems package): {e}"
+            ) from e
+    raise ValueError(f"unknown attn_backend {backend!r}; use 'math', 'sdpa', 'flash' or a callable")
+
+
+@dataclass
+class KVCache:
+    """Preallocated keys/values of every layer, ``(L, B, H, max_len, D)``, for generation:
+    each new token costs one attention row over the cached prefix instead of a full recompute."""
+
+    k: Tensor
+    v: Tensor
+    length: int = 0  # positions already filled
+
+    @classmethod
+    def empty(cls, num_layers, batch, num_heads, max_len, head_dim, device=None, dtype=None):
+        shape = (num_layers, batch, num_heads, max_len, head_dim)
+        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+
+
+class MultiHeadSelfAttention(nn.Module):
+    """Causal multi-head self-attention. Head h uses rows ``h*D:(h+1)*D`` of each projection."""
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        rope: RotaryPositionalEmbedding | None = None,
+        attn_backend: str | AttnFn = "math",
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if d_model % num_heads:
+            raise ValueError(f"d_model={d_model} is not divisible by num_heads={num_heads}")
+        self.num_heads, self.head_dim = num_heads, d_model // num_heads
+        self.q_proj = Linear(d_model, d_model, device=device, dtype=dtype)
+        self.k_proj = Linear(d_model, d_model, device=device, dtype=dtype)
+        self.v_proj = Linear(d_model, d_model, device=device, dtype=dtype)
+        self.output_proj = Linear(d_model, d_model, device=device, dtype=dtype)
+        self.rope = rope
+        self.attn_fn = resolve_attn_backend(attn_backend)
+
+    def forward(
+        self,
+        x: Tensor,
+        token_positions: Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        layer_idx: int = 0,
+    ) -> Tensor:
+        t = x.shape[-2]
+        past = kv_cache.length if kv_cache is not None else 0
+        # (..., T, C) -> (..., H, T, D)
+        q, k, v = (p(x).unflatten(-1, (self.num_heads, self.head_dim)).transpose(-3, -2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        if self.rope is not None:
+            if token_positions is None:
+                token_positions = torch.arange(past, past + t, device=x.device)
+            pos = token_positions.unsqueeze(-2) if token_positions.dim() > 1 else token_positions  # (..., 1, T)
+            q, k = self.rope(q, pos), self.rope(k, pos)
+        attn_fn = self.attn_fn
+        if kv_cache is not None:
+            kv_cache.k[layer_idx, ..., past:past + t, :] = k
+            kv_cache.v[layer_idx, ..., past:past + t, :] = v
+            k = kv_cache.k[layer_idx, ..., :past + t, :].to(q.dtype)
+            v = kv_cache.v[layer_idx, ..., :past + t, :].to(q.dtype)
+            if past and t > 1:  # fused kernels align is_causal top-left; ours aligns bottom-right
+                attn_fn = math_attention
+        o = attn_fn(q, k, v, t > 1)  # (..., H, T, D); one query needs no mask
+        return self.output_proj(o.transpose(-3, -2).flatten(-2))  # (..., T, C)
+
+
+# ----------------------------------------------------------------------------- feed-forward
+
+
+class SwiGLU(nn.Module):
+    """``W2 (SiLU(W1 x) ⊙ W3 x)`` (Shazeer 2020)."""
+
+    def __init__(self, d_model: int, d_ff: int, device=None, dtype=None):
+        super().__init__()
+        self.w1 = Linear(d_model, d_ff, device=device, dtype=dtype)
+        self.w2 = Linear(d_ff, d_model, device=device, dtype=dtype)
+        self.w3 = Linear(d_model, d_ff, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(silu(self.w1(x)) * self.w3(x))
+
+
+class SiLUFFN(nn.Module):
+    """``W2 SiLU(W1 x)``: the ungated ablation (use d_ff = 4 d_model to match SwiGLU's params)."""
+
+    def __init__(self, d_model: int, d_ff: int, device=None, dtype=None):
+        super().__init__()
+        self.w1 = Linear(d_model, d_ff, device=device, dtype=dtype)
+        self.w2 = Linear(d_ff, d_model, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(silu(self.w1(x)))
+
+
+# ----------------------------------------------------------------------------- block and LM
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm: ``x + attn(ln1(x))`` then ``+ ffn(ln2(.))``. Post-norm: ``ln1(x + attn(x))`` then
+    ``ln2(. + ffn(.))`` (the original Transformer). ``norm="none"``: plain residuals."""
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        d_ff: int,
+        rope: RotaryPositionalEmbedding | None = None,
+        *,
+        norm: str = "pre",
+        ffn: str = "swiglu",
+        attn_backend: str | AttnFn = "math",
+        eps: float = 1e-5,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if norm not in ("pre", "post", "none"):
+            raise ValueError(f"norm must be 'pre', 'post' or 'none', got {norm!r}")
+        if ffn not in ("swiglu", "silu"):
+            raise ValueError(f"ffn must be 'swiglu' or 'silu', got {ffn!r}")
+        kw = {"device": device, "dtype": dtype}
+        self.pre_norm = norm == "pre"
+        self.attn = MultiHeadSelfAttention(d_model, num_heads, rope, attn_backend, **kw)
+        self.ffn = SwiGLU(d_model, d_ff, **kw) if ffn == "swiglu" else SiLUFFN(d_model, d_ff, **kw)
+        make_norm = (lambda: RMSNorm(d_model, eps, **kw)) if norm != "none" else nn.Identity
+        self.ln1, self.ln2 = make_norm(), make_norm()
+
+    def forward(self, x: Tensor, token_positions: Tensor | None = None,
+                kv_cache: KVCache | None = None, layer_idx: int = 0) -> Tensor:
+        if self.pre_norm:
+            x = x + self.attn(self.ln1(x), token_positions, kv_cache, layer_idx)
+            return x + self.ffn(self.ln2(x))
+        x = self.ln1(x + self.attn(x, token_positions, kv_cache, layer_idx))
+        return self.ln2(x + self.ffn(x))
+
+
+class TransformerLM(nn.Module):
+    """Token embedding → ``num_layers`` blocks → final RMSNorm → LM head. (B, T) ids -> (B, T, V)."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        context_length: int,
+        d_model: int,
+        num_layers: int,
+        num_heads: int,
+        d_ff: int,
+        rope_theta: float = 10000.0,
+        *,
+        norm: str = "pre",
+        ffn: str = "swiglu",
+        use_rope: bool = True,
+        tie_embeddings: bool = False,
+        attn_backend: str | AttnFn = "math",
+        eps: float = 1e-5,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        self.vocab_size, self.context_length = vocab_size, context_length
+        self.num_layers, self.num_heads, self.d_model = num_layers, num_heads, d_model
+        kw = {"device": device, "dtype": dtype}
+        rope = RotaryPositionalEmbedding(rope_theta, d_model // num_heads, context_length, device) if use_rope else None
+        self.token_embeddings = Embedding(vocab_size, d_model, **kw)
+        self.layers = nn.ModuleList(
+            TransformerBlock(d_model, num_heads, d_ff, rope, norm=norm, ffn=ffn,
+                             attn_backend=attn_backend, eps=eps, **kw)
+            for _ in range(num_layers)
+        )
+        self.ln_final = RMSNorm(d_model, eps, **kw) if norm != "none" else nn.Identity()
+        self.lm_head = Linear(d_model, vocab_size, **kw)
+        if tie_embeddings:  # one (V, C) matrix serves as both input and output embedding
+            self.lm_head.weight = self.token_embeddings.weight
+
+    def forward(self, token_ids: Tensor, kv_cache: KVCache | None = None) -> Tensor:
+        t = token_ids.shape[-1]
+        past = kv_cache.length if kv_cache is not None else 0
+        if past + t > self.context_length:
+            raise ValueError(
+                f"sequence of {past + t} tokens is longer than the model's context_length={self.context_length}"
+            )
+        positions = torch.arange(past, past + t, device=token_ids.device)  # (T,)
+        x = self.token_embeddings(token_ids)  # (B, T, C)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, positions, kv_cache, i)
+        if kv_cache is not None:
+            kv_cache.length = past + t
+        return self.lm_head(self.ln_final(x))  # (B, T, V)
+
+    def new_kv_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> KVCache:
+        """An empty cache for ``batch_size`` sequences of up to ``max_len`` (default: context) tokens."""
+        w = self.lm_head.weight
+        return KVCache.empty(self.num_layers, batch_size, self.num_heads, max_len or self.context_length,
+                             self.d_model // self.num_heads, device=w.device, dtype=dtype or w.dtype)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; ``non_embedding`` leaves out the input embedding (as in Kaplan et al.)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and self.lm_head.weight is not self.token_embeddings.weight:
+            n -= self.token_embeddings.weight.numel()
+        return n

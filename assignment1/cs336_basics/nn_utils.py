@@ -1,0 +1,41 @@
+"""Softmax, cross-entropy and global-norm gradient clipping, as pure functions."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+from cs336_basics.model import softmax
+
+__all__ = ["clip_grad_norm", "cross_entropy", "softmax"]
+
+
+def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean over all leading dims of ``-log softmax(logits)[target]``.
+
+    ``logits`` ``(..., V)``, ``targets`` ``(...)`` int. Uses ``logsumexp(x) = m + log Σ exp(x - m)``
+    with ``m = max x``, so large logits never overflow; computed in fp32 even under bf16 autocast.
+    """
+    logits = logits.float()
+    m = logits.amax(dim=-1, keepdim=True)  # (..., 1)
+    lse = m.squeeze(-1) + torch.log(torch.exp(logits - m).sum(dim=-1))  # (...)
+    target_logit = logits.gather(-1, targets.unsqueeze(-1).long()).squeeze(-1)  # (...)
+    return (lse - target_logit).mean()
+
+
+@torch.no_grad()
+def clip_grad_norm(params: Iterable[torch.nn.Parameter], max_norm: float, eps: float = 1e-6) -> float:
+    """Scale all gradients in place so that their global L2 norm is at most ``max_norm``.
+
+    Returns the norm before clipping. The scale ``min(1, max_norm / (norm + eps))`` is applied as
+    a tensor, so the only host sync is the final ``.item()``.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    total = torch.stack(torch._foreach_norm(grads)).float().norm(2)  # sqrt(Σ ||g_i||²), one kernel per list
+    scale = (max_norm / (total + eps)).clamp(max=1.0)
+    torch._foreach_mul_(grads, scale)
+    return total.item()  # .item() syncs with the GPU

@@ -1,0 +1,240 @@
+"""Every model module against an independent computation (torch functional ops, explicit formulas),
+and the whole LM against transformers' LlamaForCausalLM with the same weights."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from cs336_basics import model as M
+
+torch.set_grad_enabled(True)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def test_linear_matches_functional_and_init():
+    lin = M.Linear(64, 32)
+    x = torch.randn(2, 5, 64)
+    torch.testing.assert_close(lin(x), F.linear(x, lin.weight), rtol=1e-5, atol=1e-5)
+    std = math.sqrt(2 / (64 + 32))
+    assert lin.weight.abs().max() <= 3 * std + 1e-6
+    big = M.Linear(512, 512)
+    big_std = math.sqrt(2 / 1024)  # truncating at ±3σ shrinks the std by a factor 0.9866
+    assert abs(big.weight.std().item() - 0.9866 * big_std) < 0.01 * big_std
+
+
+def test_embedding_matches_functional():
+    emb = M.Embedding(100, 16)
+    ids = torch.randint(0, 100, (3, 7))
+    torch.testing.assert_close(emb(ids), F.embedding(ids, emb.weight))
+    assert emb.weight.abs().max() <= 3.0
+
+
+def test_rmsnorm_matches_formula_and_functional():
+    norm = M.RMSNorm(32, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(32))
+    x = torch.randn(4, 6, 32)
+    expected = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight
+    torch.testing.assert_close(norm(x), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(norm(x), F.rms_norm(x, (32,), norm.weight, eps=1e-5), rtol=1e-5, atol=1e-6)
+    xb = x.bfloat16()  # computed in fp32, returned in the input dtype
+    out = norm(xb)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
+
+
+def test_silu_and_softmax():
+    x = torch.randn(10, 20) * 5
+    torch.testing.assert_close(M.silu(x), F.silu(x))
+    torch.testing.assert_close(M.softmax(x, -1), F.softmax(x, -1))
+    torch.testing.assert_close(M.softmax(x, 0), F.softmax(x, 0))
+    big = torch.tensor([[1000.0, 1001.0, 999.0]])  # stable for huge logits
+    torch.testing.assert_close(M.softmax(big, -1), F.softmax(big, -1))
+
+
+def test_swiglu_and_silu_ffn():
+    ffn = M.SwiGLU(16, 40)
+    x = torch.randn(3, 16)
+    w1, w2, w3 = ffn.w1.weight, ffn.w2.weight, ffn.w3.weight
+    torch.testing.assert_close(ffn(x), F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2))
+    plain = M.SiLUFFN(16, 64)
+    torch.testing.assert_close(plain(x), F.linear(F.silu(F.linear(x, plain.w1.weight)), plain.w2.weight))
+
+
+def test_rope_matches_complex_rotation():
+    d, theta = 8, 10000.0
+    rope = M.RotaryPositionalEmbedding(theta, d, max_seq_len=32)
+    x = torch.randn(2, 5, d)
+    pos = torch.tensor([[0, 1, 2, 3, 4], [7, 3, 9, 0, 31]])
+    # independent: adjacent pairs as complex numbers times e^{i pos θ^(-2k/d)}
+    freqs = theta ** (-torch.arange(0, d, 2).double() / d)
+    rot = torch.polar(torch.ones_like(pos[..., None].double() * freqs), pos[..., None].double() * freqs)
+    xc = torch.view_as_complex(x.double().reshape(2, 5, d // 2, 2).contiguous())
+    expected = torch.view_as_real(xc * rot).reshape(2, 5, d).float()
+    torch.testing.assert_close(rope(x, pos), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="even"):
+        M.RotaryPositionalEmbedding(theta, 7, 8)
+
+
+def test_sdpa_matches_functional_with_mask():
+    q, k, v = torch.randn(2, 3, 6, 8), torch.randn(2, 3, 9, 8), torch.randn(2, 3, 9, 4)
+    mask = torch.rand(6, 9) > 0.3
+    mask[:, 0] = True  # every query sees at least one key
+    torch.testing.assert_close(
+        M.scaled_dot_product_attention(q, k, v, mask), F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    )
+    torch.testing.assert_close(M.scaled_dot_product_attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
+
+
+def _reference_mha(x, attn, positions=None, theta=None):
+    """Multi-head attention from torch functional ops, heads split by rows h*D:(h+1)*D."""
+    b, t, c = x.shape
+    h = attn.num_heads
+    d = c // h
+
+    def heads(w):
+        return F.linear(x, w).view(b, t, h, d).transpose(1, 2)
+
+    q, k, v = heads(attn.q_proj.weight), heads(attn.k_proj.weight), heads(attn.v_proj.weight)
+    if theta is not None:
+        pos = torch.arange(t) if positions is None else positions
+        freqs = theta ** (-torch.arange(0, d, 2).double() / d)
+        ang = pos[..., None].double() * freqs
+        cos, sin = ang.cos().float(), ang.sin().float()
+
+        def rot(z):
+            z1, z2 = z[..., 0::2], z[..., 1::2]
+            return torch.stack((z1 * cos - z2 * sin, z1 * sin + z2 * cos), -1).flatten(-2)
+
+        q, k = rot(q), rot(k)
+    o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return F.linear(o.transpose(1, 2).reshape(b, t, c), attn.output_proj.weight)
+
+
+@pytest.mark.parametrize("backend", ["math", "sdpa"])
+def test_mha_causal_with_and_without_rope(backend):
+    x = torch.randn(2, 10, 32)
+    attn = M.MultiHeadSelfAttention(32, 4, attn_backend=backend)
+    torch.testing.assert_close(attn(x), _reference_mha(x, attn), rtol=1e-4, atol=1e-5)
+    rope = M.RotaryPositionalEmbedding(500.0, 8, 16)
+    attn_r = M.MultiHeadSelfAttention(32, 4, rope=rope, attn_backend=backend)
+    torch.testing.assert_close(attn_r(x), _reference_mha(x, attn_r, theta=500.0), rtol=1e-4, atol=1e-5)
+    pos = torch.arange(3, 13)
+    torch.testing.assert_close(attn_r(x, pos), _reference_mha(x, attn_r, pos, theta=500.0), rtol=1e-4, atol=1e-5)
+
+
+def test_attention_backend_callable_and_errors():
+    calls = []
+
+    def my_attn(q, k, v, is_causal):
+        calls.append((q.shape, is_causal))
+        return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+
+    lm = M.TransformerLM(50, 16, 32, 2, 4, 64, attn_backend=my_attn)
+    lm(torch.randint(0, 50, (2, 8)))
+    assert calls == [((2, 4, 8, 8), True)] * 2
+    with pytest.raises(ValueError, match="attn_backend"):
+        M.MultiHeadSelfAttention(32, 4, attn_backend="nope")
+    with pytest.raises(ValueError, match="divisible"):
+        M.MultiHeadSelfAttention(30, 4)
+
+
+def test_block_pre_post_and_no_norm():
+    x = torch.randn(2, 6, 32)
+    rope = M.RotaryPositionalEmbedding(10000.0, 8, 16)
+    pre = M.TransformerBlock(32, 4, 64, rope)
+    h = x + pre.attn(pre.ln1(x))
+    torch.testing.assert_close(pre(x), h + pre.ffn(pre.ln2(h)))
+    post = M.TransformerBlock(32, 4, 64, rope, norm="post", ffn="silu")
+    assert isinstance(post.ffn, M.SiLUFFN)
+    h = post.ln1(x + post.attn(x))
+    torch.testing.assert_close(post(x), post.ln2(h + post.ffn(h)))
+    none = M.TransformerBlock(32, 4, 64, None, norm="none")
+    assert not any("ln" in n for n, _ in none.named_parameters())
+    h = x + none.attn(x)
+    torch.testing.assert_close(none(x), h + none.ffn(h))
+    assert set(pre.state_dict()) == {
+        "attn.q_proj.weight", "attn.k_proj.weight", "attn.v_proj.weight", "attn.output_proj.weight",
+        "ln1.weight", "ffn.w1.weight", "ffn.w2.weight", "ffn.w3.weight", "ln2.weight",
+    }
+
+
+def test_lm_options_and_context_error():
+    lm = M.TransformerLM(50, 16, 32, 2, 4, 64, tie_embeddings=True, use_rope=False)
+    assert lm.lm_head.weight is lm.token_embeddings.weight
+    assert lm.layers[0].attn.rope is None
+    assert lm(torch.randint(0, 50, (1, 16))).shape == (1, 16, 50)
+    with pytest.raises(ValueError, match="context_length=16"):
+        lm(torch.randint(0, 50, (1, 17)))
+
+
+def _llama_from_ours(lm: M.TransformerLM, theta: float):
+    """Build transformers' Llama with our weights. Our RoPE rotates adjacent pairs (2i, 2i+1);
+    Llama's rotate_half rotates (i, i + D/2): reorder each head's q/k rows evens-then-odds."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    c, h = lm.d_model, lm.num_heads
+    d = c // h
+    d_ff = lm.layers[0].ffn.w1.weight.shape[0]
+    cfg = LlamaConfig(
+        vocab_size=lm.vocab_size, hidden_size=c, intermediate_size=d_ff, num_hidden_layers=lm.num_layers,
+        num_attention_heads=h, num_key_value_heads=h, max_position_embeddings=lm.context_length,
+        rope_theta=theta, rms_norm_eps=1e-5, tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
+    )
+    cfg._attn_implementation = "eager"
+    hf = LlamaForCausalLM(cfg).eval()
+    perm = torch.cat([torch.arange(0, d, 2), torch.arange(1, d, 2)])
+    perm = (torch.arange(h)[:, None] * d + perm).flatten()
+    sd = lm.state_dict()
+    new = {"model.embed_tokens.weight": sd["token_embeddings.weight"], "model.norm.weight": sd["ln_final.weight"],
+           "lm_head.weight": sd["lm_head.weight"]}
+    for i in range(lm.num_layers):
+        p, q = f"layers.{i}.", f"model.layers.{i}."
+        new |= {
+            q + "self_attn.q_proj.weight": sd[p + "attn.q_proj.weight"][perm],
+            q + "self_attn.k_proj.weight": sd[p + "attn.k_proj.weight"][perm],
+            q + "self_attn.v_proj.weight": sd[p + "attn.v_proj.weight"],
+            q + "self_attn.o_proj.weight": sd[p + "attn.output_proj.weight"],
+            q + "mlp.gate_proj.weight": sd[p + "ffn.w1.weight"],
+            q + "mlp.up_proj.weight": sd[p + "ffn.w3.weight"],
+            q + "mlp.down_proj.weight": sd[p + "ffn.w2.weight"],
+            q + "input_layernorm.weight": sd[p + "ln1.weight"],
+            q + "post_attention_layernorm.weight": sd[p + "ln2.weight"],
+        }
+    missing, unexpected = hf.load_state_dict(new, strict=False)
+    assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
+    return hf
+
+
+@pytest.mark.parametrize("backend", ["math", "sdpa"])
+def test_lm_matches_transformers_llama(backend):
+    theta = 10000.0
+    lm = M.TransformerLM(97, 32, 64, 3, 4, 96, theta, attn_backend=backend).eval()
+    with torch.no_grad():  # non-trivial norm weights so the layer norms are really compared
+        for n, p in lm.named_parameters():
+            if n.endswith(("ln1.weight", "ln2.weight", "ln_final.weight")):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+    hf = _llama_from_ours(lm, theta)
+    ids = torch.randint(0, 97, (2, 32))
+    with torch.no_grad():
+        ours = lm(ids)
+        theirs = hf(ids).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_kv_cache_forward_matches_full_forward():
+    lm = M.TransformerLM(50, 24, 32, 2, 4, 64).eval()
+    ids = torch.randint(0, 50, (2, 20))
+    with torch.no_grad():
+        full = lm(ids)
+        cache = lm.new_kv_cache(2)
+        parts = [lm(ids[:, :12], kv_cache=cache)]  # prefill, then a 3-token chunk, then one at a time
+        parts.append(lm(ids[:, 12:15], kv_cache=cache))
+        parts += [lm(ids[:, i:i + 1], kv_cache=cache) for i in range(15, 20)]
+    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-4, atol=1e-4)
+    assert cache.length == 20
