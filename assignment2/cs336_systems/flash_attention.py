@@ -1,0 +1,202 @@
+"""FlashAttention-2 (Dao, 2023) behind two autograd Functions, and the multi-head entry point.
+
+* ``FlashAttentionPytorch``: the algorithm in plain PyTorch. Tiled forward with the online softmax
+  (FA2 Algorithm 1); it saves only O and the logsumexp L; the tiled backward recomputes P from L
+  (FA2 Algorithm 2 with D = rowsum(dO * O)). Runs anywhere; it is the reference the Triton kernels
+  are tested against and the CPU fallback of ``flash_attn_mha``.
+* ``FlashAttentionTriton``: the same contract with the Triton kernels of ``flash_kernels``
+  (forward; backward as a preprocess, a dK/dV pass and a dQ pass, no atomics).
+* ``flash_attn_mha(q, k, v, is_causal=True)``: ``(B, H, T, D)`` inputs, the "flash" attention
+  backend of ``cs336_basics.model``.
+
+Both Functions take ``Q (batch, n_q, d)``, ``K, V (batch, n_k, d)`` (or with a head dimension,
+``(batch, heads, n, d)``), scale the scores by ``1/sqrt(d)``, and for ``is_causal`` let query i see
+keys j <= i (top-left aligned, as ``torch.nn.functional.scaled_dot_product_attention``). L has the
+shape of Q without its last dimension, in natural-log units.
+
+    uv run cs336-systems flash-bench --help    # leaderboard harness and the course's sweep (GPU)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Raise a ValueError naming the problem unless q, k, v are a valid attention call."""
+    if not (q.dim() == k.dim() == v.dim()) or q.dim() < 3:
+        raise ValueError(
+            f"q, k, v must have the same number of dimensions (>= 3, (..., seq, d)); got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if q.shape[:-2] != k.shape[:-2] or k.shape != v.shape or q.shape[-1] != k.shape[-1]:
+        raise ValueError(
+            f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
+            "(need q (..., n_q, d), k = v (..., n_k, d))"
+        )
+    if q.shape[-2] == 0 or k.shape[-2] == 0:
+        raise ValueError("empty sequence")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v devices differ: {q.device}, {k.device}, {v.device}")
+
+
+def _causal_mask(q0: int, nq: int, k0: int, nk: int, device: torch.device) -> torch.Tensor:
+    """(nq, nk) bool, True where key k0+j is visible to query q0+i (j <= i)."""
+    rows = torch.arange(q0, q0 + nq, device=device)[:, None]
+    cols = torch.arange(k0, k0 + nk, device=device)[None, :]
+    return cols <= rows
+
+
+class FlashAttentionPytorch(torch.autograd.Function):
+    """FlashAttention-2 in plain PyTorch: tiles of ``TILE_Q`` queries x ``TILE_K`` keys.
+
+    The arithmetic runs in float32 whatever the input dtype (bf16 in, bf16 out).
+    """
+
+    TILE_Q = 64
+    TILE_K = 64
+
+    @staticmethod
+    def forward(ctx, Q, K, V, is_causal=False):
+        check_attention_inputs(Q, K, V)
+        n_q, n_k, d = Q.shape[-2], K.shape[-2], Q.shape[-1]
+        scale = 1.0 / math.sqrt(d)
+        bq, bk = FlashAttentionPytorch.TILE_Q, FlashAttentionPytorch.TILE_K
+        O = torch.empty_like(Q)
+        L = torch.empty(Q.shape[:-1], device=Q.device, dtype=torch.float32)
+        for q0 in range(0, n_q, bq):
+            q = Q[..., q0 : q0 + bq, :].float()  # (..., bq, d)
+            nq = q.shape[-2]
+            m = torch.full(q.shape[:-1], -math.inf, device=Q.device)  # running row max
+            l = torch.zeros(q.shape[:-1], device=Q.device)  # running row sum of exp
+            acc = torch.zeros(q.shape, device=Q.device)  # unnormalised output
+            k_end = min(n_k, q0 + nq) if is_causal else n_k  # later keys are all masked
+            for k0 in range(0, k_end, bk):
+                k = K[..., k0 : k0 + bk, :].float()
+                v = V[..., k0 : k0 + bk, :].float()
+                s = q @ k.transpose(-1, -2) * scale  # (..., bq, bk)
+                if is_causal and k0 + k.shape[-2] - 1 > q0:  # tile crosses the diagonal
+                    s = s.masked_fill(~_causal_mask(q0, nq, k0, k.shape[-2], Q.device), -math.inf)
+                m_new = torch.maximum(m, s.amax(dim=-1))
+                p = torch.exp(s - m_new[..., None])
+                alpha = torch.exp(m - m_new)  # rescales what was accumulated under the old max
+                l = alpha * l + p.sum(dim=-1)
+                acc = alpha[..., None] * acc + p @ v
+                m = m_new
+            O[..., q0 : q0 + bq, :] = (acc / l[..., None]).to(O.dtype)
+            L[..., q0 : q0 + bq] = m + torch.log(l)
+        ctx.save_for_backward(Q, K, V, O, L)
+        ctx.is_causal = is_causal
+        return O
+
+    @staticmethod
+    def backward(ctx, dO):
+        Q, K, V, O, L = ctx.saved_tensors
+        is_causal = ctx.is_causal
+        n_q, n_k, d = Q.shape[-2], K.shape[-2], Q.shape[-1]
+        scale = 1.0 / math.sqrt(d)
+        bq, bk = FlashAttentionPytorch.TILE_Q, FlashAttentionPytorch.TILE_K
+        dO = dO.float()
+        Dvec = (dO * O.float()).sum(dim=-1)  # D_i = rowsum(dO_i * O_i) = rowsum(P_i * dP_i)
+        dQ = torch.zeros(Q.shape, device=Q.device)
+        dK = torch.zeros(K.shape, device=K.device)
+        dV = torch.zeros(V.shape, device=V.device)
+        for k0 in range(0, n_k, bk):
+            k = K[..., k0 : k0 + bk, :].float()
+            v = V[..., k0 : k0 + bk, :].float()
+            nk = k.shape[-2]
+            dk = torch.zeros_like(k)
+            dv = torch.zeros_like(v)
+            q_start = (k0 // bq) * bq if is_causal else 0  # earlier query tiles see none of these keys
+            for q0 in range(q_start, n_q, bq):
+                q = Q[..., q0 : q0 + bq, :].float()
+                do = dO[..., q0 : q0 + bq, :]
+                nq = q.shape[-2]
+                s = q @ k.transpose(-1, -2) * scale
+                p = torch.exp(s - L[..., q0 : q0 + bq, None])  # P recomputed from L
+                if is_causal and k0 + nk - 1 > q0:
+                    p = p * _causal_mask(q0, nq, k0, nk, Q.device)
+                dv += p.transpose(-1, -2) @ do
+                dp = do @ v.transpose(-1, -2)
+                ds = p * (dp - Dvec[..., q0 : q0 + bq, None]) * scale
+                dQ[..., q0 : q0 + bq, :] += ds @ k
+                dk += ds.transpose(-1, -2) @ q
+            dK[..., k0 : k0 + bk, :] = dk
+            dV[..., k0 : k0 + bk, :] = dv
+        return dQ.to(Q.dtype), dK.to(K.dtype), dV.to(V.dtype), None
+
+
+def triton_available(device: torch.device) -> bool:
+    """The Triton kernels run on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``."""
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _check_triton_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    check_attention_inputs(q, k, v)
+    if q.dim() not in (3, 4):
+        raise ValueError(f"FlashAttentionTriton takes (batch, seq, d) or (batch, heads, seq, d); got {tuple(q.shape)}")
+    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head dim {q.shape[-1]} unsupported by the Triton kernels (supported: {SUPPORTED_HEAD_DIMS})")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"dtype {q.dtype} unsupported by the Triton kernels (supported: {SUPPORTED_DTYPES})")
+    if not triton_available(q.device):
+        raise ValueError(
+            f"the Triton kernels need CUDA tensors (or CPU tensors with TRITON_INTERPRET=1); got {q.device}"
+        )
+
+
+def _as_4d(t: torch.Tensor) -> torch.Tensor:
+    """(B, T, D) -> (B, 1, T, D) view; the kernels also need the last dimension contiguous."""
+    t = t.unsqueeze(1) if t.dim() == 3 else t
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class FlashAttentionTriton(torch.autograd.Function):
+    """FlashAttention-2 as Triton kernels (``flash_kernels``); same contract as the PyTorch one."""
+
+    @staticmethod
+    def forward(ctx, Q, K, V, is_causal=False):
+        _check_triton_inputs(Q, K, V)
+        from cs336_systems import flash_kernels
+
+        O, L = flash_kernels.flash_fwd(_as_4d(Q), _as_4d(K), _as_4d(V), is_causal)
+        O, L = O.view(Q.shape), L.view(Q.shape[:-1])
+        ctx.save_for_backward(Q, K, V, O, L)
+        ctx.is_causal = is_causal
+        return O
+
+    @staticmethod
+    def backward(ctx, dO):
+        from cs336_systems import flash_kernels
+
+        Q, K, V, O, L = ctx.saved_tensors
+        # dO may be non-contiguous or stride-0 (o.sum().backward()): _as_4d makes its last dim dense,
+        # every other stride is passed to the kernels as it is.
+        dQ, dK, dV = flash_kernels.flash_bwd(
+            _as_4d(Q), _as_4d(K), _as_4d(V), _as_4d(O), L.view(-1, Q.shape[-2]), _as_4d(dO), ctx.is_causal
+        )
+        return dQ.view(Q.shape), dK.view(K.shape), dV.view(V.shape), None
+
+
+def flash_attn_mha(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = True) -> torch.Tensor:
+    """Attention over ``(B, H, T, D)`` tensors: Triton kernels on CUDA, the PyTorch version elsewhere.
+
+    Under autocast the inputs are cast to the autocast dtype first (RoPE may leave q, k in float32
+    while v is bf16).
+    """
+    if torch.is_autocast_enabled(q.device.type):
+        dt = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dt), k.to(dt), v.to(dt)
+    if triton_available(q.device):
+        return FlashAttentionTriton.apply(q, k, v, is_causal)
+    return FlashAttentionPytorch.apply(q, k, v, is_causal)

@@ -1,0 +1,493 @@
+"""Triton kernels of FlashAttention-2 (forward; backward as preprocess + dK/dV pass + dQ pass).
+
+Inputs are ``(Z, H, T, D)`` tensors with any strides except a contiguous last dimension (so
+``(B, T, H, D)`` buffers seen through a transpose, or stride-0 broadcasts, need no copy).
+
+Design (H100 notes in ``docs/benchmarks.md``):
+* scores are kept in base 2: ``qk_scale = log2(e)/sqrt(d)`` is folded into one FMA before ``exp2``;
+  the saved L is natural-log (the contract), the backward converts it once (``lse2 = L*log2 e``).
+* causal: tiles wholly above the diagonal are never visited; tiles wholly below run an unmasked
+  loop; only the diagonal tiles (and the ragged tail of the sequence) run the masked loop.
+* programs are ordered heaviest first (grid axis 0 is batch*heads, axis 1 the tile index, so
+  every head's longest causal rows launch before any short one).
+* backward without atomics: ``_bwd_dkdv`` keeps one K/V tile resident and walks the query tiles
+  that see it; ``_bwd_dq`` keeps one Q/dO tile resident and walks the key tiles it sees; both
+  recompute P from L. ``_bwd_preprocess`` computes D = rowsum(dO * O) and lse2 first.
+* tile sizes are autotuned per (seq lens, d, causal, dtype) from short lists; set
+  ``CS336_FLASH_AUTOTUNE=0`` to take the first fitting config instead (no tuning runs), and the
+  interpreter (``TRITON_INTERPRET=1``) always uses small fixed tiles.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+
+
+# ---------------------------------------------------------------------------------------------
+# forward
+
+
+@triton.jit
+def _fwd_inner(
+    acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, lo, hi, N_K, qk_scale,
+    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
+):
+    """Online-softmax update of (acc, l_i, m_i) over key tiles [lo, hi); m_i is in base-2 units."""
+    offs_nb = tl.arange(0, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        offs_n = start_n + offs_nb
+        if MASKED:
+            in_k = offs_n[:, None] < N_K
+            k = tl.load(k_ptrs + start_n * stride_kn, mask=in_k, other=0.0)
+        else:
+            k = tl.load(k_ptrs + start_n * stride_kn)
+        qk = tl.dot(q, tl.trans(k))  # (BLOCK_M, BLOCK_N), fp32 accumulation
+        if MASKED:
+            valid = offs_n[None, :] < N_K
+            if IS_CAUSAL:
+                valid = valid & (offs_m[:, None] >= offs_n[None, :])
+            qk = tl.where(valid, qk * qk_scale, float("-inf"))
+            m_ij = tl.maximum(m_i, tl.max(qk, 1))
+            qk = qk - m_ij[:, None]
+        else:
+            m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # qk_scale > 0: scale after the max
+            qk = qk * qk_scale - m_ij[:, None]
+        p = tl.math.exp2(qk)
+        alpha = tl.math.exp2(m_i - m_ij)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if MASKED:
+            v = tl.load(v_ptrs + start_n * stride_vn, mask=in_k, other=0.0)
+        else:
+            v = tl.load(v_ptrs + start_n * stride_vn)
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_ij
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, O, L,
+    stride_qz, stride_qh, stride_qm,
+    stride_kz, stride_kh, stride_kn,
+    stride_vz, stride_vh, stride_vn,
+    stride_oz, stride_oh, stride_om,
+    H, N_Q, N_K, qk_scale,
+    HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    off_zh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    if IS_CAUSAL:  # the last query tiles see the most keys: launch them first
+        pid_m = tl.num_programs(1) - 1 - pid_m
+    off_z = (off_zh // H).to(tl.int64)
+    off_h = (off_zh % H).to(tl.int64)
+    Q += off_z * stride_qz + off_h * stride_qh
+    K += off_z * stride_kz + off_h * stride_kh
+    V += off_z * stride_vz + off_h * stride_vh
+    O += off_z * stride_oz + off_h * stride_oh
+    L += off_zh.to(tl.int64) * N_Q
+
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    in_q = offs_m[:, None] < N_Q
+    q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :], mask=in_q, other=0.0)
+    k_ptrs = K + offs_n[:, None] * stride_kn + offs_d[None, :]
+    v_ptrs = V + offs_n[:, None] * stride_vn + offs_d[None, :]
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    full_k = (N_K // BLOCK_N) * BLOCK_N
+    if IS_CAUSAL:
+        # keys < start_m are visible to every row of the tile; keys >= start_m + BLOCK_M to none
+        lo_masked = tl.minimum(start_m, full_k)
+        hi = tl.minimum(start_m + BLOCK_M, N_K)
+    else:
+        lo_masked = full_k
+        hi = N_K
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m,
+                               0, lo_masked, N_K, qk_scale, BLOCK_N, False, IS_CAUSAL)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m,
+                               lo_masked, hi, N_K, qk_scale, BLOCK_N, True, IS_CAUSAL)
+    o = acc / l_i[:, None]
+    tl.store(O + offs_m[:, None] * stride_om + offs_d[None, :], o.to(O.dtype.element_ty), mask=in_q)
+    tl.store(L + offs_m, (m_i + tl.math.log2(l_i)) * LN2, mask=offs_m < N_Q)
+
+
+# ---------------------------------------------------------------------------------------------
+# backward
+
+
+@triton.jit
+def _bwd_preprocess(
+    O, DO, L, Delta, LSE2,
+    stride_oz, stride_oh, stride_om,
+    stride_doz, stride_doh, stride_dom,
+    H, N_Q,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Delta = rowsum(dO * O) (fp32) and lse2 = L * log2(e), both (Z*H, N_Q)."""
+    off_zh = tl.program_id(0)
+    off_z = (off_zh // H).to(tl.int64)
+    off_h = (off_zh % H).to(tl.int64)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    in_q = offs_m < N_Q
+    o = tl.load(O + off_z * stride_oz + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+                mask=in_q[:, None], other=0.0)
+    do = tl.load(DO + off_z * stride_doz + off_h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
+                 mask=in_q[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    row = off_zh.to(tl.int64) * N_Q + offs_m
+    tl.store(Delta + row, delta, mask=in_q)
+    tl.store(LSE2 + row, tl.load(L + row, mask=in_q, other=0.0) * 1.4426950408889634, mask=in_q)
+
+
+@triton.jit
+def _bwd_dkdv_inner(
+    dk, dv, k, v, q_ptrs, do_ptrs, stride_qm, stride_dom, LSE2, Delta, offs_n, lo, hi, N_Q, qk_scale,
+    BLOCK_M: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
+):
+    """Accumulate dK, dV of one key tile over query tiles [lo, hi) (P^T computed transposed)."""
+    offs_mb = tl.arange(0, BLOCK_M)
+    for start_m in range(lo, hi, BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        offs_m = start_m + offs_mb
+        if MASKED:
+            in_q = offs_m < N_Q
+            q = tl.load(q_ptrs + start_m * stride_qm, mask=in_q[:, None], other=0.0)
+            # lse2 = +inf on rows past N_Q makes their P exactly 0
+            lse2 = tl.load(LSE2 + offs_m, mask=in_q, other=float("inf"))
+        else:
+            q = tl.load(q_ptrs + start_m * stride_qm)
+            lse2 = tl.load(LSE2 + offs_m)
+        qkT = tl.dot(k, tl.trans(q))  # (BLOCK_N, BLOCK_M)
+        pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
+        if MASKED:
+            if IS_CAUSAL:
+                pT = tl.where(offs_m[None, :] >= offs_n[:, None], pT, 0.0)
+            do = tl.load(do_ptrs + start_m * stride_dom, mask=in_q[:, None], other=0.0)
+            delta = tl.load(Delta + offs_m, mask=in_q, other=0.0)
+        else:
+            do = tl.load(do_ptrs + start_m * stride_dom)
+            delta = tl.load(Delta + offs_m)
+        dv = tl.dot(pT.to(do.dtype), do, dv)
+        dpT = tl.dot(v, tl.trans(do))
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(q.dtype), q, dk)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv(
+    Q, K, V, DO, DK, DV, LSE2, Delta,
+    stride_qz, stride_qh, stride_qm,
+    stride_kz, stride_kh, stride_kn,
+    stride_vz, stride_vh, stride_vn,
+    stride_doz, stride_doh, stride_dom,
+    stride_dkz, stride_dkh, stride_dkn,
+    stride_dvz, stride_dvh, stride_dvn,
+    H, N_Q, N_K, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    off_zh = tl.program_id(0)
+    start_n = tl.program_id(1) * BLOCK_N  # causal: the first key tiles are seen by the most queries
+    off_z = (off_zh // H).to(tl.int64)
+    off_h = (off_zh % H).to(tl.int64)
+    Q += off_z * stride_qz + off_h * stride_qh
+    K += off_z * stride_kz + off_h * stride_kh
+    V += off_z * stride_vz + off_h * stride_vh
+    DO += off_z * stride_doz + off_h * stride_doh
+    DK += off_z * stride_dkz + off_h * stride_dkh
+    DV += off_z * stride_dvz + off_h * stride_dvh
+    LSE2 += off_zh.to(tl.int64) * N_Q
+    Delta += off_zh.to(tl.int64) * N_Q
+
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    in_k = offs_n[:, None] < N_K
+    k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :], mask=in_k, other=0.0)
+    v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :], mask=in_k, other=0.0)
+    q_ptrs = Q + offs_m[:, None] * stride_qm + offs_d[None, :]
+    do_ptrs = DO + offs_m[:, None] * stride_dom + offs_d[None, :]
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    full_q = (N_Q // BLOCK_M) * BLOCK_M
+    if IS_CAUSAL:
+        # queries < start_n see none of these keys; [start_n, start_n + BLOCK_N) is the diagonal
+        diag_hi = tl.minimum(start_n + BLOCK_N, N_Q)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, stride_qm, stride_dom, LSE2, Delta, offs_n,
+                                 start_n, diag_hi, N_Q, qk_scale, BLOCK_M, True, True)
+        lo = tl.maximum(start_n + BLOCK_N, full_q)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, stride_qm, stride_dom, LSE2, Delta, offs_n,
+                                 start_n + BLOCK_N, lo, N_Q, qk_scale, BLOCK_M, False, False)
+    else:
+        lo = full_q
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, stride_qm, stride_dom, LSE2, Delta, offs_n,
+                                 0, lo, N_Q, qk_scale, BLOCK_M, False, False)
+    # ragged tail of the queries (rows >= N_Q masked out)
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, stride_qm, stride_dom, LSE2, Delta, offs_n,
+                             lo, N_Q, N_Q, qk_scale, BLOCK_M, True, False)
+    tl.store(DK + offs_n[:, None] * stride_dkn + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty), mask=in_k)
+    tl.store(DV + offs_n[:, None] * stride_dvn + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=in_k)
+
+
+@triton.jit
+def _bwd_dq_inner(
+    dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, lo, hi, N_K, qk_scale,
+    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
+):
+    """Accumulate dQ of one query tile over key tiles [lo, hi)."""
+    offs_nb = tl.arange(0, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        offs_n = start_n + offs_nb
+        if MASKED:
+            in_k = offs_n[:, None] < N_K
+            k = tl.load(k_ptrs + start_n * stride_kn, mask=in_k, other=0.0)
+            v = tl.load(v_ptrs + start_n * stride_vn, mask=in_k, other=0.0)
+        else:
+            k = tl.load(k_ptrs + start_n * stride_kn)
+            v = tl.load(v_ptrs + start_n * stride_vn)
+        qk = tl.dot(q, tl.trans(k))
+        p = tl.math.exp2(qk * qk_scale - lse2[:, None])
+        if MASKED:
+            valid = offs_n[None, :] < N_K
+            if IS_CAUSAL:
+                valid = valid & (offs_m[:, None] >= offs_n[None, :])
+            p = tl.where(valid, p, 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq)
+    return dq
+
+
+@triton.jit
+def _bwd_dq(
+    Q, K, V, DO, DQ, LSE2, Delta,
+    stride_qz, stride_qh, stride_qm,
+    stride_kz, stride_kh, stride_kn,
+    stride_vz, stride_vh, stride_vn,
+    stride_doz, stride_doh, stride_dom,
+    stride_dqz, stride_dqh, stride_dqm,
+    H, N_Q, N_K, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    off_zh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    if IS_CAUSAL:
+        pid_m = tl.num_programs(1) - 1 - pid_m
+    off_z = (off_zh // H).to(tl.int64)
+    off_h = (off_zh % H).to(tl.int64)
+    Q += off_z * stride_qz + off_h * stride_qh
+    K += off_z * stride_kz + off_h * stride_kh
+    V += off_z * stride_vz + off_h * stride_vh
+    DO += off_z * stride_doz + off_h * stride_doh
+    DQ += off_z * stride_dqz + off_h * stride_dqh
+    LSE2 += off_zh.to(tl.int64) * N_Q
+    Delta += off_zh.to(tl.int64) * N_Q
+
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    in_q = offs_m < N_Q
+    q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :], mask=in_q[:, None], other=0.0)
+    do = tl.load(DO + offs_m[:, None] * stride_dom + offs_d[None, :], mask=in_q[:, None], other=0.0)
+    lse2 = tl.load(LSE2 + offs_m, mask=in_q, other=0.0)
+    delta = tl.load(Delta + offs_m, mask=in_q, other=0.0)
+    k_ptrs = K + offs_n[:, None] * stride_kn + offs_d[None, :]
+    v_ptrs = V + offs_n[:, None] * stride_vn + offs_d[None, :]
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    full_k = (N_K // BLOCK_N) * BLOCK_N
+    if IS_CAUSAL:
+        lo_masked = tl.minimum(start_m, full_k)
+        hi = tl.minimum(start_m + BLOCK_M, N_K)
+    else:
+        lo_masked = full_k
+        hi = N_K
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m,
+                       0, lo_masked, N_K, qk_scale, BLOCK_N, False, IS_CAUSAL)
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m,
+                       lo_masked, hi, N_K, qk_scale, BLOCK_N, True, IS_CAUSAL)
+    tl.store(DQ + offs_m[:, None] * stride_dqm + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
+             mask=in_q[:, None])
+
+
+# ---------------------------------------------------------------------------------------------
+# tile configs and autotuning
+
+
+def _cfg(bm: int, bn: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+
+
+# Candidates per kernel, best guess first (the first one that fits is used untuned). For the
+# causal split, BLOCK_M must be a multiple of BLOCK_N in the forward and dQ kernels, and BLOCK_N a
+# multiple of BLOCK_M in the dK/dV kernel.
+FWD_CONFIGS = [
+    _cfg(128, 64, 4, 3), _cfg(128, 128, 8, 3), _cfg(128, 64, 8, 3), _cfg(128, 64, 4, 4),
+    _cfg(128, 32, 4, 3), _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 2), _cfg(32, 32, 4, 2), _cfg(16, 16, 4, 2),
+]
+DKDV_CONFIGS = [
+    _cfg(64, 128, 8, 3), _cfg(32, 128, 4, 4), _cfg(64, 128, 4, 3), _cfg(32, 128, 8, 4),
+    _cfg(64, 64, 4, 3), _cfg(32, 64, 4, 2), _cfg(32, 32, 4, 2), _cfg(16, 16, 4, 2),
+]
+DQ_CONFIGS = [
+    _cfg(128, 64, 8, 3), _cfg(128, 32, 4, 4), _cfg(128, 64, 4, 3), _cfg(128, 32, 8, 4),
+    _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 2), _cfg(32, 32, 4, 2), _cfg(16, 16, 4, 2),
+]
+# (BLOCK_M, BLOCK_N) in the interpreter: small, so CPU tests cross several tiles at tiny sizes
+INTERPRET_TILES = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}
+MAX_TUNED_CONFIGS = 4
+SMEM_BYTES = 227 * 1024  # H100 per-block limit
+
+
+def _fits(cfg: triton.Config, head_dim: int, elem: int) -> bool:
+    """A rough shared-memory estimate: the resident tile plus num_stages streamed tiles (x2 operands)."""
+    bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+    resident, streamed = max(bm, bn), min(bm, bn)
+    need = (resident + 2 * streamed * cfg.num_stages) * head_dim * elem + bm * bn * elem
+    return need <= SMEM_BYTES
+
+
+def _candidates(configs: list[triton.Config], head_dim: int, dtype: torch.dtype) -> list[triton.Config]:
+    """The configs that fit, in preference order: smaller tiles for fp32 and d=128 (register
+    pressure: the fp32 accumulators grow with d and the score tile with BLOCK_M*BLOCK_N)."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    fitting = [c for c in configs if _fits(c, head_dim, elem)]
+    limit = 128 * 128 if (elem == 2 and head_dim <= 64) else 128 * 64 if elem == 2 else 64 * 64
+    fitting = [c for c in fitting if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= limit] or fitting
+    if head_dim == 128:
+        fitting.sort(key=lambda c: -c.num_warps)  # stable: 8-warp configs first
+    return fitting
+
+
+def _autotune_enabled() -> bool:
+    return os.environ.get("CS336_FLASH_AUTOTUNE", "1") != "0"
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _prune(configs, named_args, **kwargs):
+    cands = _candidates(configs, named_args["HEAD_DIM"] if "HEAD_DIM" in named_args else kwargs["HEAD_DIM"],
+                        named_args["Q"].dtype)
+    return cands[:MAX_TUNED_CONFIGS]
+
+
+_KEY = ["N_Q", "N_K", "HEAD_DIM", "IS_CAUSAL"]
+_tuned: dict[str, object] = {}
+
+
+def _launcher(name: str, kernel, configs: list[triton.Config]):
+    """Returns ``launch(grid_fn, *args, HEAD_DIM=..., IS_CAUSAL=...)`` for one kernel.
+
+    The autotuned wrapper is built lazily (never in the interpreter, whose launches cannot be timed).
+    """
+
+    def launch(grid_fn, *args, HEAD_DIM: int, IS_CAUSAL: bool, dtype: torch.dtype):
+        if _interpreting():
+            bm, bn = INTERPRET_TILES[name]
+            meta = {"BLOCK_M": bm, "BLOCK_N": bn}
+            kernel[grid_fn(meta)](*args, HEAD_DIM=HEAD_DIM, IS_CAUSAL=IS_CAUSAL, **meta)
+        elif _autotune_enabled():
+            if name not in _tuned:
+                _tuned[name] = triton.autotune(configs, key=_KEY, prune_configs_by={"early_config_prune": _prune})(
+                    kernel
+                )
+            _tuned[name][grid_fn](*args, HEAD_DIM=HEAD_DIM, IS_CAUSAL=IS_CAUSAL)
+        else:
+            cfg = _candidates(configs, HEAD_DIM, dtype)[0]
+            kernel[grid_fn(cfg.kwargs)](
+                *args, HEAD_DIM=HEAD_DIM, IS_CAUSAL=IS_CAUSAL, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                **cfg.kwargs,
+            )
+
+    return launch
+
+
+_launch_fwd = _launcher("fwd", _fwd_kernel, FWD_CONFIGS)
+_launch_dkdv = _launcher("dkdv", _bwd_dkdv, DKDV_CONFIGS)
+_launch_dq = _launcher("dq", _bwd_dq, DQ_CONFIGS)
+
+
+def best_configs() -> dict[str, dict]:
+    """The autotuner's choices so far, for the benchmark report."""
+    out = {}
+    for name, tuner in _tuned.items():
+        out[name] = {str(k): str(v) for k, v in getattr(tuner, "cache", {}).items()}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# host wrappers
+
+
+def _strides3(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (Z, H, N_Q, D), k, v (Z, H, N_K, D), last dim contiguous -> O like q, L (Z*H, N_Q) fp32."""
+    Z, H, N_Q, D = q.shape
+    N_K = k.shape[2]
+    o = torch.empty_like(q)
+    if o.stride(-1) != 1:
+        o = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    L = torch.empty((Z * H, N_Q), device=q.device, dtype=torch.float32)
+    sm_scale = 1.0 / math.sqrt(D)
+    _launch_fwd(
+        lambda meta: (Z * H, triton.cdiv(N_Q, meta["BLOCK_M"])),
+        q, k, v, o, L, *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o),
+        H, N_Q, N_K, sm_scale * LOG2E,
+        HEAD_DIM=D, IS_CAUSAL=bool(is_causal), dtype=q.dtype,
+    )
+    return o, L
+
+
+def flash_bwd(q, k, v, o, L, do, is_causal: bool):
+    """Gradients (dQ, dK, dV) of attention given O, L (Z*H, N_Q) and dO (any strides, last dim contiguous)."""
+    Z, H, N_Q, D = q.shape
+    N_K = k.shape[2]
+    sm_scale = 1.0 / math.sqrt(D)
+    delta = torch.empty((Z * H, N_Q), device=q.device, dtype=torch.float32)
+    lse2 = torch.empty_like(delta)
+    pre_m = 32 if _interpreting() else min(128, 4096 // D)
+    _bwd_preprocess[(Z * H, triton.cdiv(N_Q, pre_m))](
+        o, do, L, delta, lse2, *_strides3(o), *_strides3(do), H, N_Q, HEAD_DIM=D, BLOCK_M=pre_m
+    )
+    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
+    dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
+    _launch_dkdv(
+        lambda meta: (Z * H, triton.cdiv(N_K, meta["BLOCK_N"])),
+        q, k, v, do, dk, dv, lse2, delta,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dk), *_strides3(dv),
+        H, N_Q, N_K, sm_scale * LOG2E, sm_scale,
+        HEAD_DIM=D, IS_CAUSAL=bool(is_causal), dtype=q.dtype,
+    )
+    _launch_dq(
+        lambda meta: (Z * H, triton.cdiv(N_Q, meta["BLOCK_M"])),
+        q, k, v, do, dq, lse2, delta,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dq),
+        H, N_Q, N_K, sm_scale * LOG2E, sm_scale,
+        HEAD_DIM=D, IS_CAUSAL=bool(is_causal), dtype=q.dtype,
+    )
+    return dq, dk, dv
