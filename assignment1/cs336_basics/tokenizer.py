@@ -1,0 +1,383 @@
+"""Byte-level BPE ``Tokenizer``: encode / decode / encode_iterable, GPT-2 file format.
+
+Encoding (GPT-2's ``encoder.py``, Radford et al. 2019): split on special tokens (longest first),
+split the rest into pre-tokens with the GPT-2 regex, and turn each pre-token's UTF-8 bytes into
+tokens by repeatedly merging the adjacent pair with the lowest merge rank. Results are cached per
+pre-token (most text re-uses a small set of words); the cache is bounded, so memory stays flat on
+any input.
+
+Files: ``vocab.json`` (token -> id, bytes written through GPT-2's byte <-> printable-unicode map),
+``merges.txt`` (``#version: 0.2`` then one ``left right`` pair per line, same map) and
+``tokenizer_config.json`` (the special tokens). Hugging Face ``tokenizers`` (``ByteLevelBPE``) and
+tiktoken load them; ``Tokenizer.from_dir`` reads them back exactly.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from functools import lru_cache
+from itertools import chain, pairwise
+from pathlib import Path
+
+import regex
+
+from cs336_basics.pretokenize import (
+    PAT,
+    InputError,
+    check_special_tokens,
+    safe_cut_regex,
+    special_pattern,
+    split_on_special,
+)
+
+CONFIG_NAME = "tokenizer_config.json"
+
+
+@lru_cache(maxsize=1)
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map byte -> printable unicode character (so files never hold raw
+    control bytes or spaces): printable Latin-1 bytes map to themselves, the other 68 bytes to
+    U+0100 onwards in byte order."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+@lru_cache(maxsize=1)
+def unicode_to_bytes() -> dict[str, int]:
+    return {c: b for b, c in bytes_to_unicode().items()}
+
+
+def token_to_str(token: bytes) -> str:
+    table = bytes_to_unicode()
+    return "".join([table[b] for b in token])
+
+
+def str_to_token(s: str) -> bytes:
+    inverse = unicode_to_bytes()
+    try:
+        return bytes([inverse[c] for c in s])
+    except KeyError as e:
+        raise InputError(
+            f"token {s!r} has character {e.args[0]!r} outside GPT-2's byte map"
+        ) from None
+
+
+class _PretokenCache(dict):
+    """pre-token -> tuple of ids; misses run BPE (``dict.__missing__`` keeps hits in C)."""
+
+    def __init__(self, bpe, max_size: int):
+        super().__init__()
+        self._bpe = bpe
+        self.max_size = max_size
+
+    def __missing__(self, key: str) -> tuple[int, ...]:
+        if len(self) >= self.max_size:
+            self.clear()  # bound memory; cheaper than LRU bookkeeping on every hit
+        ids = self[key] = self._bpe(key)
+        return ids
+
+
+class Tokenizer:
+    """Byte-level BPE tokenizer over a vocab (id -> bytes) and an ordered merge list."""
+
+    def __init__(
+        self,
+        vocab: dict[int, bytes],
+        merges: Sequence[tuple[bytes, bytes]],
+        special_tokens: Sequence[str] | None = None,
+        *,
+        cache_size: int = 1 << 19,
+    ):
+        self.vocab: dict[int, bytes] = dict(vocab)
+        self.merges: list[tuple[bytes, bytes]] = [tuple(m) for m in merges]
+        self.special_tokens: list[str] = check_special_tokens(special_tokens)
+
+        # A special token takes the first id holding its bytes; regular tokens map bytes -> the
+        # first other id (falling back to the special's id, e.g. for a 1-byte special "!").
+        self._special_ids: dict[str, int] = {}
+        id_of: dict[bytes, int] = {}
+        special_of = {s.encode("utf-8"): s for s in self.special_tokens}
+        for i, tok in sorted(self.vocab.items()):
+            s = special_of.get(tok)
+            if s is not None and s not in self._special_ids:
+                self._special_ids[s] = i
+            else:
+                id_of.setdefault(tok, i)
+        for s, i in self._special_ids.items():
+            id_of.setdefault(s.encode("utf-8"), i)
+        for s in self.special_tokens:  # specials missing from the vocab are appended
+            if s not in self._special_ids:
+                new = max(self.vocab, default=-1) + 1
+                self.vocab[new] = s.encode("utf-8")
+                self._special_ids[s] = new
+        missing = [b for b in range(256) if bytes([b]) not in id_of]
+        if missing:
+            raise InputError(
+                f"vocab lacks single-byte tokens for {len(missing)} byte values, e.g. {missing[:5]}"
+            )
+        self._byte_ids = [id_of[bytes([b])] for b in range(256)]
+
+        # (left id, right id) -> (rank, merged id)
+        self._ranks: dict[tuple[int, int], tuple[int, int]] = {}
+        for rank, (a, b) in enumerate(self.merges):
+            ia, ib, iab = id_of.get(a), id_of.get(b), id_of.get(a + b)
+            if ia is None or ib is None or iab is None:
+                absent = [t for t, i in ((a, ia), (b, ib), (a + b, iab)) if i is None]
+                raise InputError(
+                    f"merges and vocab do not match: merge #{rank} {a!r} + {b!r} needs "
+                    f"{', '.join(map(repr, absent))}, which the vocab lacks"
+                )
+            self._ranks.setdefault((ia, ib), (rank, iab))
+        self._special_re = special_pattern(self.special_tokens)
+        self._cut_re = safe_cut_regex(self.special_tokens)
+        self._cache = _PretokenCache(self._bpe, cache_size)
+
+    # ------------------------------------------------------------------ construction / files
+    @classmethod
+    def from_files(
+        cls,
+        vocab_filepath: str | os.PathLike,
+        merges_filepath: str | os.PathLike,
+        special_tokens: Sequence[str] | None = None,
+    ) -> Tokenizer:
+        """Load GPT-2 style ``vocab.json`` + ``merges.txt``."""
+        specials = check_special_tokens(special_tokens)
+        for p in (vocab_filepath, merges_filepath):
+            if not Path(p).is_file():
+                raise InputError(f"tokenizer file not found: {p}")
+        try:
+            raw_vocab = json.loads(Path(vocab_filepath).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise InputError(f"{vocab_filepath}: not a JSON vocab file ({e})") from None
+        if not isinstance(raw_vocab, dict):
+            raise InputError(f"{vocab_filepath}: expected a JSON object token -> id")
+        vocab: dict[int, bytes] = {}
+        for s, i in raw_vocab.items():
+            tok = s.encode("utf-8") if s in specials else str_to_token(s)
+            if not isinstance(i, int) or i in vocab:
+                raise InputError(f"{vocab_filepath}: bad or duplicate id {i!r} for token {s!r}")
+            vocab[i] = tok
+        merges = []
+        lines = Path(merges_filepath).read_text(encoding="utf-8").splitlines()
+        for n, line in enumerate(lines, 1):
+            if not line.strip() or (n == 1 and line.startswith("#version")):
+                continue
+            parts = line.split(" ")
+            if len(parts) != 2 or not all(parts):
+                raise InputError(f"{merges_filepath}:{n}: expected 'left right', got {line!r}")
+            merges.append((str_to_token(parts[0]), str_to_token(parts[1])))
+        return cls(vocab, merges, specials)
+
+    @classmethod
+    def from_dir(cls, directory: str | os.PathLike) -> Tokenizer:
+        """Load what ``save`` wrote (vocab.json, merges.txt, tokenizer_config.json)."""
+        d = Path(directory)
+        if not d.is_dir():
+            raise InputError(f"tokenizer directory not found: {d}")
+        config = json.loads((d / CONFIG_NAME).read_text()) if (d / CONFIG_NAME).is_file() else {}
+        return cls.from_files(d / "vocab.json", d / "merges.txt", config.get("special_tokens", []))
+
+    def save(self, out_dir: str | os.PathLike) -> None:
+        """Write vocab.json, merges.txt, tokenizer_config.json (each atomically)."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        special_ids = set(self._special_ids.values())
+        vocab_json: dict[str, int] = {}
+        for i, tok in sorted(self.vocab.items()):
+            s = tok.decode("utf-8") if i in special_ids else token_to_str(tok)
+            if s in vocab_json:
+                raise InputError(f"cannot save: token {s!r} has two ids ({vocab_json[s]} and {i})")
+            vocab_json[s] = i
+        merges_txt = "#version: 0.2\n" + "".join(
+            f"{token_to_str(a)} {token_to_str(b)}\n" for a, b in self.merges
+        )
+        config = {
+            "tokenizer_class": "cs336_basics.tokenizer.Tokenizer",
+            "special_tokens": self.special_tokens,
+            "special_token_ids": {s: self._special_ids[s] for s in self.special_tokens},
+            "vocab_size": self.vocab_size,
+            "pattern": PAT.pattern,
+        }
+        _atomic_write(out / "vocab.json", json.dumps(vocab_json, ensure_ascii=False))
+        _atomic_write(out / "merges.txt", merges_txt)
+        _atomic_write(out / CONFIG_NAME, json.dumps(config, ensure_ascii=False, indent=2))
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def vocab_size(self) -> int:
+        return max(self.vocab) + 1
+
+    def token_id(self, token: str) -> int:
+        """Id of a special token (or of any token given as its text)."""
+        if token in self._special_ids:
+            return self._special_ids[token]
+        ids = self.encode(token)
+        if len(ids) != 1:
+            raise KeyError(f"{token!r} is not a single token")
+        return ids[0]
+
+    @property
+    def eos_id(self) -> int | None:
+        return self._special_ids.get("<|endoftext|>")
+
+    # ------------------------------------------------------------------ BPE
+    def _bpe(self, pretoken: str) -> tuple[int, ...]:
+        ids = [self._byte_ids[b] for b in pretoken.encode("utf-8")]
+        # short words (almost all): the plain loop is faster; long ones: O(n log n)
+        return tuple(self._bpe_heap(ids) if len(ids) > 24 else self._bpe_loop(ids))
+
+    def _bpe_loop(self, ids: list[int]) -> list[int]:
+        """GPT-2's merge loop: find the lowest-rank adjacent pair, merge all its occurrences left
+        to right, repeat. O(n^2) per word."""
+        ranks = self._ranks
+        while len(ids) > 1:
+            # the lowest-rank adjacent pair; merge all its (non-overlapping) occurrences
+            best = None
+            for pair in pairwise(ids):
+                r = ranks.get(pair)
+                if r is not None and (best is None or r < best):
+                    best = r
+            if best is None:
+                break
+            new = best[1]
+            out = []
+            i = 0
+            n = len(ids)
+            while i < n:
+                if i + 1 < n and ranks.get((ids[i], ids[i + 1])) == best:
+                    out.append(new)
+                    i += 2
+                else:
+                    out.append(ids[i])
+                    i += 1
+            ids = out
+        return ids
+
+    def _bpe_heap(self, ids: list[int]) -> list[int]:
+        """Same result as the loop in ``_bpe`` in O(n log n): a heap of (rank, position) over a
+        linked list of tokens. Equal ranks pop left to right, which is the loop's
+        merge-all-occurrences-left-to-right; pairs created by a merge always rank later."""
+        ranks = self._ranks
+        n = len(ids)
+        tok = list(ids)
+        nxt = list(range(1, n + 1))
+        prv = list(range(-1, n - 1))
+        alive = [True] * n
+        heap = []
+        for i in range(n - 1):
+            r = ranks.get((tok[i], tok[i + 1]))
+            if r is not None:
+                heap.append((r[0], i, tok[i], tok[i + 1], r[1]))
+        heapq.heapify(heap)
+        while heap:
+            _, i, a, b, new = heapq.heappop(heap)
+            j = nxt[i] if alive[i] else n
+            if j >= n or tok[i] != a or tok[j] != b:
+                continue  # stale: a neighbour was merged away since this entry was pushed
+            tok[i] = new
+            alive[j] = False
+            nxt[i] = nxt[j]
+            if nxt[i] < n:
+                prv[nxt[i]] = i
+            p = prv[i]
+            if p >= 0:
+                r = ranks.get((tok[p], new))
+                if r is not None:
+                    heapq.heappush(heap, (r[0], p, tok[p], new, r[1]))
+            q = nxt[i]
+            if q < n:
+                r = ranks.get((new, tok[q]))
+                if r is not None:
+                    heapq.heappush(heap, (r[0], i, new, tok[q], r[1]))
+        return [tok[i] for i in range(n) if alive[i]]
+
+    # ------------------------------------------------------------------ encode / decode
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``."""
+        cache = self._cache
+        ids: list[int] = []
+        for piece, is_special in split_on_special(text, self._special_re):
+            if is_special:
+                ids.append(self._special_ids[piece])
+            else:
+                # map/chain run in C; only cache misses call back into Python
+                ids.extend(chain.from_iterable(map(cache.__getitem__, PAT.findall(piece))))
+        return ids
+
+    def encode_iterable(
+        self, iterable: Iterable[str], buffer_chars: int = 1 << 16
+    ) -> Iterator[int]:
+        """Lazily yield the ids of ``"".join(iterable)`` (e.g. an open file, line by line).
+
+        Text is buffered up to a safe cut (in whitespace, outside any special token; see
+        ``pretokenize.safe_cut_regex``), so the ids are exactly those of encoding the whole text at once,
+        while memory stays bounded by the buffer, not the input length.
+        """
+        buf: list[str] = []
+        size = 0
+        limit = buffer_chars
+        for chunk in iterable:
+            buf.append(chunk)
+            size += len(chunk)
+            if size < limit:
+                continue
+            text = "".join(buf)
+            cut = self._last_safe_cut(text)
+            if cut <= 0:  # no safe cut yet (e.g. one huge line): wait for twice as much text
+                buf, size, limit = [text], len(text), 2 * len(text)
+                continue
+            yield from self.encode(text[:cut])
+            rest = text[cut:]
+            buf, size, limit = [rest], len(rest), buffer_chars
+        if buf:
+            yield from self.encode("".join(buf))
+
+    def _last_safe_cut(self, text: str) -> int:
+        """Largest safe cut position in ``text`` (0 if none)."""
+        maxlen = max((len(s) for s in self.special_tokens), default=0)
+        start = max(0, len(text) - 4096)
+        while True:
+            cuts = [m.start() for m in self._cut_re.finditer(text, start)]
+            for p in reversed(cuts):
+                if maxlen == 0 or not self._special_straddles(text, p, maxlen):
+                    return p
+            if start == 0:
+                return 0
+            start = max(0, start - 65536)
+
+    def _special_straddles(self, text: str, p: int, maxlen: int) -> bool:
+        lo = max(0, p - maxlen + 1)
+        window = text[lo : p + maxlen - 1]
+        return any(
+            m.start() + lo < p < m.end() + lo
+            for s in self.special_tokens
+            for m in regex.finditer(regex.escape(s), window, overlapped=True)
+        )
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of ``ids``; invalid UTF-8 (e.g. half a character) becomes U+FFFD."""
+        vocab = self.vocab
+        try:
+            data = b"".join([vocab[i] for i in ids])
+        except KeyError as e:
+            raise ValueError(
+                f"token id {e.args[0]} is not in the vocab (size {self.vocab_size})"
+            ) from None
+        return data.decode("utf-8", errors="replace")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
