@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from cs336_basics import model as M
+from cs336_basics.hf_llama import to_hf_llama
 
 torch.set_grad_enabled(True)
 
@@ -173,44 +174,6 @@ def test_lm_options_and_context_error():
         lm(torch.randint(0, 50, (1, 17)))
 
 
-def _llama_from_ours(lm: M.TransformerLM, theta: float):
-    """Build transformers' Llama with our weights. Our RoPE rotates adjacent pairs (2i, 2i+1);
-    Llama's rotate_half rotates (i, i + D/2): reorder each head's q/k rows evens-then-odds."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    c, h = lm.d_model, lm.num_heads
-    d = c // h
-    d_ff = lm.layers[0].ffn.w1.weight.shape[0]
-    cfg = LlamaConfig(
-        vocab_size=lm.vocab_size, hidden_size=c, intermediate_size=d_ff, num_hidden_layers=lm.num_layers,
-        num_attention_heads=h, num_key_value_heads=h, max_position_embeddings=lm.context_length,
-        rope_theta=theta, rms_norm_eps=1e-5, tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
-    )
-    cfg._attn_implementation = "eager"
-    hf = LlamaForCausalLM(cfg).eval()
-    perm = torch.cat([torch.arange(0, d, 2), torch.arange(1, d, 2)])
-    perm = (torch.arange(h)[:, None] * d + perm).flatten()
-    sd = lm.state_dict()
-    new = {"model.embed_tokens.weight": sd["token_embeddings.weight"], "model.norm.weight": sd["ln_final.weight"],
-           "lm_head.weight": sd["lm_head.weight"]}
-    for i in range(lm.num_layers):
-        p, q = f"layers.{i}.", f"model.layers.{i}."
-        new |= {
-            q + "self_attn.q_proj.weight": sd[p + "attn.q_proj.weight"][perm],
-            q + "self_attn.k_proj.weight": sd[p + "attn.k_proj.weight"][perm],
-            q + "self_attn.v_proj.weight": sd[p + "attn.v_proj.weight"],
-            q + "self_attn.o_proj.weight": sd[p + "attn.output_proj.weight"],
-            q + "mlp.gate_proj.weight": sd[p + "ffn.w1.weight"],
-            q + "mlp.up_proj.weight": sd[p + "ffn.w3.weight"],
-            q + "mlp.down_proj.weight": sd[p + "ffn.w2.weight"],
-            q + "input_layernorm.weight": sd[p + "ln1.weight"],
-            q + "post_attention_layernorm.weight": sd[p + "ln2.weight"],
-        }
-    missing, unexpected = hf.load_state_dict(new, strict=False)
-    assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
-    return hf
-
-
 @pytest.mark.parametrize("backend", ["math", "sdpa"])
 def test_lm_matches_transformers_llama(backend):
     theta = 10000.0
@@ -219,7 +182,7 @@ def test_lm_matches_transformers_llama(backend):
         for n, p in lm.named_parameters():
             if n.endswith(("ln1.weight", "ln2.weight", "ln_final.weight")):
                 p.copy_(1 + 0.1 * torch.randn_like(p))
-    hf = _llama_from_ours(lm, theta)
+    hf = to_hf_llama(lm, theta, attn_implementation="eager").eval()
     ids = torch.randint(0, 97, (2, 32))
     with torch.no_grad():
         ours = lm(ids)

@@ -1,0 +1,168 @@
+"""The training loop end to end on CPU: overfitting, exact resume, NaN stop, bad inputs, CLI."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from cs336_basics import train as T
+from cs336_basics.checkpoint import CheckpointError, read_checkpoint
+from cs336_basics.config import PRESETS, TrainConfig
+from cs336_basics.data import DataError
+
+
+def _tokens(path: Path, arr) -> str:
+    arr = np.asarray(arr, dtype=np.uint16)
+    arr.tofile(path)
+    Path(str(path) + ".json").write_text(json.dumps({"dtype": "uint16", "num_tokens": len(arr)}))
+    return str(path)
+
+
+def _cfg(tmp_path, **kw) -> TrainConfig:
+    rng = np.random.default_rng(0)
+    if "train_data" not in kw:
+        kw["train_data"] = _tokens(tmp_path / "train.bin", rng.integers(0, 32, 4000))
+    if "val_data" not in kw:
+        kw["val_data"] = _tokens(tmp_path / "val.bin", rng.integers(0, 32, 600))
+    base = {"vocab_size": 32, "context_length": 16, "d_model": 32, "num_layers": 2, "num_heads": 2, "d_ff": 64,
+                "batch_size": 8, "max_steps": 12, "lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 2, "eval_interval": 4, "eval_batches": 2,
+                "checkpoint_interval": 4, "attn_backend": "math", "dtype": "fp32", "out_dir": str(tmp_path / "run"), "device": "cpu"}
+    return TrainConfig(**(base | kw))
+
+
+def _rows(cfg):
+    return [json.loads(x) for x in (Path(cfg.out_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_overfits_one_batch(tmp_path):
+    # a file of exactly context_length + 1 tokens has one window: every batch is the same batch
+    data = _tokens(tmp_path / "one.bin", np.random.default_rng(1).integers(0, 32, 17))
+    cfg = _cfg(tmp_path, train_data=data, val_data=data, max_steps=80, warmup_steps=5, lr=1e-2, min_lr=1e-2,
+               eval_interval=1000, checkpoint_interval=0, batch_size=4)
+    result = T.train(cfg)
+    assert result["stopped"] == "done"
+    assert result["train_loss"] < 0.05 and result["val_loss"] < 0.05
+    assert next(r["loss"] for r in _rows(cfg) if "loss" in r) > 3.0  # started near ln(32) = 3.47
+
+
+def test_resumed_run_gives_exactly_the_same_losses(tmp_path, monkeypatch):
+    full = _cfg(tmp_path, out_dir=str(tmp_path / "full"), grad_accum_steps=2)
+    T.train(full)
+    cut = full.replace(out_dir=str(tmp_path / "cut"))
+    calls = {"n": 0}
+    real_get_batch = T.get_batch
+
+    def crashing_get_batch(*a, **k):  # dies during step 9 (2 micro-batches per step)
+        calls["n"] += 1
+        if calls["n"] > 19:
+            raise KeyboardInterrupt
+        return real_get_batch(*a, **k)
+
+    monkeypatch.setattr(T, "get_batch", crashing_get_batch)
+    with pytest.raises(KeyboardInterrupt):
+        T.train(cut)
+    assert read_checkpoint(Path(cut.out_dir) / "checkpoint.pt")["iteration"] == 8
+    monkeypatch.setattr(T, "get_batch", real_get_batch)
+    result = T.train(cut.replace(resume="auto"))
+    assert result["step"] == 12
+    strip = lambda rows: [{k: v for k, v in r.items() if k in ("step", "loss", "val_loss", "lr")} for r in rows]
+    assert strip(_rows(cut)) == strip(_rows(full))  # bit-identical losses, no duplicated steps
+    a, b = read_checkpoint(Path(full.out_dir) / "checkpoint.pt"), read_checkpoint(Path(cut.out_dir) / "checkpoint.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert (Path(cut.out_dir) / "loss_curve.png").stat().st_size > 1000
+
+
+def test_nonfinite_loss_stops_cleanly_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    cfg = _cfg(tmp_path, max_steps=20)
+    real_ce, calls = T.cross_entropy, {"n": 0}
+
+    def ce(logits, y):
+        calls["n"] += 1
+        loss = real_ce(logits, y)
+        return loss * float("nan") if calls["n"] > 9 else loss  # eval at 0 (2 batches) + 4 steps + eval at 4
+
+    monkeypatch.setattr(T, "cross_entropy", ce)
+    result = T.train(cfg)
+    assert result["stopped"] == "non-finite loss"
+    assert "step 5" in result["message"] and "checkpoint.pt (step 4)" in result["message"]
+    assert "non-finite training loss at step 5" in capsys.readouterr().err
+    assert read_checkpoint(Path(cfg.out_dir) / "checkpoint.pt")["iteration"] == 4
+
+
+def test_max_minutes_stops_with_eval_and_checkpoint(tmp_path):
+    cfg = _cfg(tmp_path, max_steps=100_000, max_minutes=1e-6)
+    result = T.train(cfg)
+    assert result["stopped"] == "max_minutes" and result["step"] == 1
+    assert read_checkpoint(Path(cfg.out_dir) / "checkpoint.pt")["iteration"] == 1
+    assert _rows(cfg)[-1]["val_loss"] > 0
+
+
+def test_token_ids_beyond_vocab_rejected_before_writing(tmp_path):
+    bad = _tokens(tmp_path / "bad.bin", [1, 2, 3] * 20 + [40])
+    cfg = _cfg(tmp_path, train_data=bad)
+    with pytest.raises(DataError, match="token id 40 at position 60 .*vocab_size=32"):
+        T.train(cfg)
+    assert not Path(cfg.out_dir).exists()
+
+
+def test_data_shorter_than_one_batch_rejected_before_writing(tmp_path):
+    cfg = _cfg(tmp_path, val_data=_tokens(tmp_path / "short.bin", [1, 2, 3]))
+    with pytest.raises(T.TrainingStopped, match="val_data .* 3 tokens: shorter than one training example"):
+        T.train(cfg)
+    assert not Path(cfg.out_dir).exists()
+
+
+def test_existing_checkpoint_not_overwritten_and_bad_checkpoints(tmp_path):
+    cfg = _cfg(tmp_path, max_steps=4)
+    T.train(cfg)
+    ck = Path(cfg.out_dir) / "checkpoint.pt"
+    before = ck.read_bytes()
+    with pytest.raises(T.TrainingStopped, match="exists from an earlier run"):
+        T.train(cfg)
+    with pytest.raises(CheckpointError, match=r"(?s)does not match the model.*d_model|checkpoint \(32, 32\)"):
+        T.train(cfg.replace(d_model=64, resume="auto"))
+    assert ck.read_bytes() == before
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(before[:100])
+    with pytest.raises(CheckpointError, match="corrupted"):
+        T.train(cfg.replace(resume=str(broken)))
+    assert ck.read_bytes() == before
+
+
+def test_tokenizer_vocab_mismatch_rejected(tmp_path):
+    from cs336_basics.tokenizer import Tokenizer
+
+    vocab = {i: bytes([i]) for i in range(256)} | {256: b"<|endoftext|>"}
+    Tokenizer(vocab, [], ["<|endoftext|>"]).save(tmp_path / "tok")
+    with pytest.raises(T.TrainingStopped, match="257 tokens but vocab_size=32"):
+        T.train(_cfg(tmp_path, tokenizer_dir=str(tmp_path / "tok")))
+
+
+def test_config_validation_and_presets():
+    assert PRESETS["tinystories-17m"].d_model == 512 and PRESETS["tinystories-17m"].d_ff == 1344
+    assert PRESETS["tinystories-17m"].num_heads == 16 and PRESETS["tinystories-17m"].vocab_size == 10_000
+    for bad, msg in [({"d_model": 30, "num_heads": 4}, "divisible"), ({"batch_size": 10, "grad_accum_steps": 3}, "divisible"),
+                     ({"norm": "mid"}, "norm must be one of"), ({"lr": -1.0}, "lr must be"),
+                     ({"min_lr": 1.0, "lr": 0.1}, "exceeds")]:
+        with pytest.raises(ValueError, match=msg):
+            TrainConfig(**bad)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        PRESETS["tiny"].lr = 1.0  # frozen
+
+
+def test_cli_tiny_run_writes_everything(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    tr, va = _tokens(tmp_path / "tr.bin", rng.integers(0, 512, 3000)), _tokens(tmp_path / "va.bin", rng.integers(0, 512, 500))
+    out = tmp_path / "cli"
+    rc = T.cli_main(["--preset", "tiny", "--train-data", tr, "--val-data", va, "--max-steps", "6", "--eval-interval",
+                     "3", "--out-dir", str(out), "--no-use-rope", "--device", "cpu"])
+    assert rc == 0
+    assert {"checkpoint.pt", "metrics.jsonl", "config.json", "loss_curve.png"} <= {p.name for p in out.iterdir()}
+    assert json.loads((out / "config.json").read_text())["use_rope"] is False
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("step") and "| loss " in x]
+    assert len(lines) == 6 and all(" | lr " in x and "tok/s" in x and "mfu" in x and "mem" in x for x in lines)
+    assert T.cli_main(["--preset", "tiny", "--train-data", tr, "--val-data", va, "--out-dir", str(out)]) == 2
+    with pytest.raises(SystemExit):
+        T.cli_main(["--preset", "tiny", "--train-data", tr, "--val-data", va, "--num-heads", "5"])
