@@ -13,6 +13,7 @@ COMMANDS = {
     "flash-bench": ("cs336_systems.flash_bench", "FlashAttention leaderboard harness and sweep."),
     "allreduce-bench": ("cs336_systems.collectives", "All-reduce time and bandwidth over sizes/world sizes."),
     "ddp-bench": ("cs336_systems.parallel_bench", "Step time per DDP variant / ZeRO-1 / FSDP."),
+    "train": ("cs336_systems.parallel", "Train the LM data-parallel (--parallel MODE; under torchrun)."),
 }
 
 

@@ -77,7 +77,8 @@ class _DDPBase(nn.Module):
     @contextmanager
     def no_sync(self):
         """Skip communication for the backward passes inside (gradient accumulation); the next
-        ``finish_gradient_synchronization()`` outside the block reduces the accumulated gradients."""
+        ``finish_gradient_synchronization()`` outside the block reduces the accumulated gradients.
+        Without it, several backward passes before finish are still correct, each one communicating."""
         self._sync = False
         try:
             yield
@@ -169,6 +170,7 @@ class DDPBucketed(_DDPBase):
             self.buckets.append(_Bucket(current))
         self._bucket_of = {id(p): b for b in self.buckets for p in b.params}
         self._next_launch = 0
+        self._stale_works: list = []
         if overlap:
             for p in self._params:
                 p.register_post_accumulate_grad_hook(self._on_grad_ready)
@@ -178,14 +180,20 @@ class DDPBucketed(_DDPBase):
             return
         bucket = self._bucket_of[id(param)]
         i = bucket.index[id(param)]
-        if bucket.work is not None or bucket.ready[i] is not None:
-            raise RuntimeError(
-                "a gradient arrived twice before finish_gradient_synchronization(); "
-                "wrap all but the last micro-batch's backward in `with ddp_model.no_sync():`"
-            )
+        if bucket.ready[i] is not None or bucket.work is not None:
+            self._new_generation()
         bucket.ready[i] = param.grad
         bucket.num_ready += 1
         self._launch_ready_buckets()
+
+    def _new_generation(self) -> None:
+        """Another backward pass before finish (gradient accumulation without ``no_sync``): complete
+        this pass's launches so every rank has issued the same collectives, then start over; the last
+        pass (whose gradients include all earlier micro-batches) is the one finish uses."""
+        self._launch_remaining()
+        self._stale_works.extend(b.work for b in self.buckets)
+        for b in self.buckets:
+            b.reset()
 
     def _launch(self, bucket: _Bucket) -> None:
         grads = bucket.ready
@@ -204,15 +212,22 @@ class DDPBucketed(_DDPBase):
             self._launch(bucket)
             self._next_launch += 1
 
-    def finish_gradient_synchronization(self) -> None:
-        t0 = time.perf_counter()
-        # Launch what backward did not complete (no hooks, no_sync, or parameters unused in this step).
+    def _launch_remaining(self) -> None:
+        """Launch, in order, the buckets backward did not complete (no hooks, no_sync, unused
+        parameters): a missing gradient contributes zeros and a 0 flag."""
         for bucket in self.buckets[self._next_launch :]:
             for i, p in enumerate(bucket.params):
                 if bucket.ready[i] is None and p.grad is not None:
                     bucket.ready[i] = p.grad
             self._launch(bucket)
         self._next_launch = 0
+
+    def finish_gradient_synchronization(self) -> None:
+        t0 = time.perf_counter()
+        self._launch_remaining()
+        for work in self._stale_works:
+            work.wait()
+        self._stale_works.clear()
         for bucket in self.buckets:
             bucket.work.wait()
             n = len(bucket.params)
@@ -245,23 +260,32 @@ class DDPIndividualParameters(_DDPBase):
     def __init__(self, module: nn.Module, process_group=None):
         super().__init__(module, process_group)
         self._works: list = []
+        self._reduced: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}
         for p in self._params:
             p.register_post_accumulate_grad_hook(self._on_grad_ready)
 
     def _on_grad_ready(self, param: nn.Parameter) -> None:
-        if not self._sync:
-            return
-        param.grad.div_(self.world_size)
-        self._works.append(dist.all_reduce(param.grad, group=self.process_group, async_op=True))
+        if self._sync:
+            self._all_reduce(param)
+
+    def _all_reduce(self, param: nn.Parameter) -> None:
+        # Reduce a scaled copy, not .grad itself: a further micro-batch's backward (gradient
+        # accumulation) may add into .grad while this is in flight. The copy costs no extra pass
+        # (an out-of-place divide instead of an in-place one); the last one per parameter wins.
+        buf = param.grad / self.world_size
+        self._works.append(dist.all_reduce(buf, group=self.process_group, async_op=True))
+        self._reduced[id(param)] = (param, buf)
 
     def finish_gradient_synchronization(self) -> None:
         t0 = time.perf_counter()
         if not self._works:  # e.g. after no_sync(): reduce the accumulated gradients now
             for p in self._params:
                 if p.grad is not None:
-                    p.grad.div_(self.world_size)
-                    self._works.append(dist.all_reduce(p.grad, group=self.process_group, async_op=True))
+                    self._all_reduce(p)
         for work in self._works:
             work.wait()
+        for p, buf in self._reduced.values():
+            p.grad = buf
         self._works.clear()
+        self._reduced.clear()
         self.comm_wait_s = time.perf_counter() - t0

@@ -12,8 +12,10 @@ memory drops from 2·P to about 2·P / world_size.
 Usage: ``ShardedOptimizer(model.parameters(), torch.optim.AdamW, lr=1e-3)`` (any optimizer class);
 it behaves like a normal ``torch.optim.Optimizer``: ``step``, ``zero_grad``, ``add_param_group``,
 ``param_groups`` (learning-rate schedules write there; the values are copied to the local optimizer
-before each step). ``consolidated_state_dict()`` gathers the full state in the format of an
-unsharded ``optimizer_cls`` so single-process runs can resume from it.
+before each step). As with ``torch.distributed.optim.ZeroRedundancyOptimizer``, ``state_dict()`` needs
+a preceding ``consolidate_state_dict()`` on every rank (a collective); it then returns the full state
+in the format of an unsharded ``optimizer_cls``, so single-process runs can resume from it, and
+``load_state_dict`` takes that format back (each rank keeps the entries it owns).
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._load = [0] * self.world_size  # elements owned per rank
         self.local_optimizer: torch.optim.Optimizer | None = None
         self._optimizer_kwargs = kwargs
+        self._steps = 0
+        self._consolidated: tuple[int, dict] | None = None
         super().__init__(params, defaults=kwargs)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -66,6 +70,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                     local[k] = v  # learning-rate schedules edit self.param_groups
         self.local_optimizer.step(**kwargs)
         self._broadcast_owned()
+        self._steps += 1
         return loss
 
     def _broadcast_owned(self) -> None:
@@ -86,21 +91,48 @@ class ShardedOptimizer(torch.optim.Optimizer):
         """Elements of optimizer state tensors held by this rank (for memory accounting and tests)."""
         return sum(v.numel() for s in self.local_optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0)
 
-    def consolidated_state_dict(self) -> dict[str, Any] | None:
-        """The full state in ``optimizer_cls``'s own format (indices as an unsharded optimizer over
-        the same param groups would use), on every rank. Collective: call on all ranks."""
+    def _local_index(self) -> dict[int, int]:
+        return {id(p): i for i, p in enumerate(q for g in self.local_optimizer.param_groups for q in g["params"])}
+
+    def consolidate_state_dict(self) -> dict[str, Any]:
+        """Gather the full state, in ``optimizer_cls``'s own format (indices as an unsharded optimizer
+        over the same param groups would use), on every rank. Collective: call on all ranks."""
         params = [p for g in self.param_groups for p in g["params"]]
-        local_index = {id(p): i for i, p in enumerate(q for g in self.local_optimizer.param_groups for q in g["params"])}
+        local_index = self._local_index()
         local_state = self.local_optimizer.state_dict()["state"]
-        mine = {i: local_state[local_index[id(p)]] for i, p in enumerate(params) if id(p) in local_index and local_index[id(p)] in local_state}
+        mine = {i: local_state[local_index[id(p)]] for i, p in enumerate(params) if local_index.get(id(p)) in local_state}
         gathered: list[dict] = [None] * self.world_size  # type: ignore[list-item]
         dist.all_gather_object(gathered, {i: {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in s.items()} for i, s in mine.items()}, group=self.process_group)
         state = {}
         for part in gathered:
             state.update(part)
+        device = params[0].device if params else torch.device("cpu")
+        state = {i: {k: (v.to(device) if torch.is_tensor(v) and v.dim() > 0 else v) for k, v in s.items()} for i, s in sorted(state.items())}
         groups, start = [], 0
         for g in self.param_groups:
             n = len(g["params"])
             groups.append({k: v for k, v in g.items() if k != "params"} | {"params": list(range(start, start + n))})
             start += n
-        return {"state": state, "param_groups": groups}
+        full = {"state": state, "param_groups": groups}
+        self._consolidated = (self._steps, full)
+        return full
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._consolidated is None or self._consolidated[0] != self._steps:
+            raise RuntimeError("ShardedOptimizer.state_dict() needs consolidate_state_dict() on every rank after the last step")
+        return self._consolidated[1]
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a full (unsharded-format) state: hyperparameters for all groups, state for owned params."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        if len(state_dict["param_groups"]) != len(self.param_groups):
+            raise ValueError("loaded state has a different number of parameter groups")
+        for group, saved in zip(self.param_groups, state_dict["param_groups"]):
+            group.update({k: v for k, v in saved.items() if k != "params"})
+        local = self.local_optimizer.state_dict()
+        local_index = self._local_index()
+        saved_state = {int(k): v for k, v in state_dict["state"].items()}
+        local["state"] = {local_index[id(p)]: saved_state[i] for i, p in enumerate(params) if id(p) in local_index and i in saved_state}
+        for lg, g in zip(local["param_groups"], self.param_groups):
+            lg.update({k: v for k, v in g.items() if k != "params"})
+        self.local_optimizer.load_state_dict(local)

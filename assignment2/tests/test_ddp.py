@@ -8,6 +8,7 @@ third checks that a crashed rank or a hung collective fails fast with a clear er
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import pytest
@@ -65,9 +66,17 @@ def _make_optimizer(params):
     return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
 
 
-def _compare_variants(rank: int, world_size: int, variants: list, data_dependent: bool) -> dict:
-    """For each (name, ctor): train the wrapped model and a single-process reference in lockstep;
-    return the largest parameter difference seen after any step."""
+def _compare_variants(rank: int, world_size: int, variants: list, data_dependent: bool, accum_modes=((1, False),)) -> dict:
+    """For each (name, ctor) and (micro-batches, use no_sync): train the wrapped model and a
+    single-process reference in lockstep; return the largest parameter difference after any step."""
+    out = {}
+    for accum, use_no_sync in accum_modes:
+        for name, value in _compare(rank, world_size, variants, data_dependent, accum, use_no_sync).items():
+            out[f"accum={accum},no_sync={use_no_sync}/{name}" if accum > 1 else name] = value
+    return out
+
+
+def _compare(rank, world_size, variants, data_dependent, accum, use_no_sync) -> dict:
     torch.manual_seed(0)
     out = {}
     b = BATCH // world_size
@@ -89,7 +98,11 @@ def _compare_variants(rank: int, world_size: int, variants: list, data_dependent
             if hasattr(wrapped, "on_train_batch_start"):
                 wrapped.on_train_batch_start()
             opt.zero_grad(set_to_none=True)
-            _loss(wrapped, x[rank * b : (rank + 1) * b], step, data_dependent).backward()
+            local = x[rank * b : (rank + 1) * b]
+            for mb, rows in enumerate(local.chunk(accum)):
+                last = mb == accum - 1
+                with wrapped.no_sync() if use_no_sync and not last else contextlib.nullcontext():
+                    (_loss(wrapped, rows, step, data_dependent) / accum).backward()
             wrapped.finish_gradient_synchronization()
             opt.step()
             ref_opt.zero_grad(set_to_none=True)
@@ -121,7 +134,7 @@ VARIANTS = [
 
 
 def test_ddp_variants_match_single_process():
-    results = run_distributed(_compare_variants, 2, VARIANTS, False)
+    results = run_distributed(_compare_variants, 2, VARIANTS, False, ((1, False), (2, False), (2, True)))
     for rank_result in results:
         for name, value in rank_result.items():
             if name.endswith("replicas_equal"):

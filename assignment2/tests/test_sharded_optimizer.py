@@ -48,7 +48,8 @@ def _job(rank: int, world_size: int) -> dict:
     out["state_keys_owned"] = all(id(p) in {id(q) for q in owned} for p in opt.local_optimizer.state)
 
     # The consolidated state loads into an unsharded AdamW and continues identically.
-    state = opt.consolidated_state_dict()
+    opt.consolidate_state_dict()
+    state = opt.state_dict()
     fresh = torch.optim.AdamW([{"params": ref_body}, {"params": list(reference[4].parameters()), "lr": 3e-3}], lr=1e-2, weight_decay=0.1)
     fresh.load_state_dict(state)
     out["consolidated_matches"] = all(
