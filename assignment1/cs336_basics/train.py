@@ -135,10 +135,14 @@ def evaluate(model, val_data, cfg: TrainConfig, device, autocast) -> float:
 
 def plot_losses(metrics_path: Path, out_png: Path) -> None:
     """Train and validation loss against step, from metrics.jsonl."""
-    import matplotlib
+    try:
+        import matplotlib
 
-    matplotlib.use("Agg")  # headless; set here, not at import time
-    import matplotlib.pyplot as plt
+        matplotlib.use("Agg")  # headless; set here, not at import time
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no loss_curve.png (metrics.jsonl has every number)", file=sys.stderr)
+        return
 
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
