@@ -194,7 +194,8 @@ def run_sweep(
                     traceback.print_exc(file=sys.stderr)
                 rows.append(row)
                 seconds = time.perf_counter() - start
-                log(f"{name:>8} T={t:<6} d={d:<4} {row['status']} ({seconds:.1f} s)")
+                times = f"fwd {_cell(row, 'forward')} bwd {_cell(row, 'backward')} ms"
+                log(f"{name:>8} T={t:<6} d={d:<4} {row['status']}: {times} ({seconds:.1f} s)")
     return rows
 
 

@@ -359,6 +359,9 @@ def _run(
             row["_memory_marks_us"].append((f"step {i}", time.time_ns() // 1000))
         with nvtx_range(f"step {i}"):
             samples.append(step())
+    if recording:
+        clock.sync()
+        row["_memory_marks_us"].append(("end", time.time_ns() // 1000))
     _summarize(cfg, row, samples, device)
     if profile:
         _profile(step, cfg, row, out_dir, profile_steps, device)
@@ -498,23 +501,36 @@ def plot_memory_timeline(
     marks: Sequence[tuple[str, int]] = (),
     title: str = "",
 ) -> None:
-    """Allocated GiB over time (ms since recording began), with step boundaries marked."""
+    """Allocated GiB over time, with the ``(label, time_us)`` marks drawn as vertical lines.
+
+    Time runs from the first mark (else the first event); events after a mark labelled ``end``
+    (the harness tearing the run down) are left out.
+    """
     from matplotlib.figure import Figure
 
     xs, ys = memory_timeline(snapshot, baseline_bytes)
+    timed = bool(xs) and "time_us" in snapshot["device_traces"][0][0]
     fig = Figure(figsize=(9, 4), layout="constrained")
     ax = fig.add_subplot()
-    timed = bool(xs) and "time_us" in snapshot["device_traces"][0][0]
-    t0 = xs[0] if xs else 0.0
-    ax.plot([(x - t0) / 1e3 if timed else x for x in xs], [y / 2**30 for y in ys], lw=1)
     if timed:
+        end = dict(marks).get("end", float("inf"))
+        kept = [(x, y) for x, y in zip(xs, ys) if x <= end]
+        xs, ys = [x for x, _ in kept], [y for _, y in kept]
+        t0 = marks[0][1] if marks else (xs[0] if xs else 0.0)
+        xs = [(x - t0) / 1e3 for x in xs]
         for label, t_us in marks:
-            if xs[0] <= t_us <= xs[-1]:
-                ax.axvline((t_us - t0) / 1e3, color="grey", ls=":", lw=0.8)
-                ax.text(
-                    (t_us - t0) / 1e3, ax.get_ylim()[1], label, fontsize=7, va="top", rotation=90
-                )
-    ax.set_xlabel("time since recording began (ms)" if timed else "allocator event")
+            ax.axvline((t_us - t0) / 1e3, color="grey", ls=":", lw=0.8)
+            ax.annotate(
+                label,
+                ((t_us - t0) / 1e3, 1.0),
+                xycoords=("data", "axes fraction"),
+                fontsize=7,
+                va="top",
+                rotation=90,
+            )
+    ax.plot(xs, [y / 2**30 for y in ys], lw=1)
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("ms since the first measured step" if timed else "allocator event")
     ax.set_ylabel("allocated (GiB)")
     ax.set_title(title or "CUDA memory timeline", fontsize=9)
     fig.savefig(path, dpi=110)
@@ -667,12 +683,14 @@ def run_meta(device: str) -> dict[str, Any]:
 
 
 def write_results(
-    rows: Sequence[dict[str, Any]], out_dir: Path, meta: dict[str, Any], stem: str = "benchmark"
+    rows: Sequence[dict[str, Any]], out_dir: Path, meta: dict[str, Any], plot: bool = True
 ) -> None:
+    """``benchmark.json`` (meta + rows) and, with ``plot``, ``benchmark.png`` in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = {"meta": {**meta, "flop_formula": FLOP_FORMULA}, "rows": list(rows)}
-    (out_dir / f"{stem}.json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
-    plot_results(rows, out_dir / f"{stem}.png")
+    (out_dir / "benchmark.json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    if plot:
+        plot_results(rows, out_dir / "benchmark.png")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -766,11 +784,12 @@ def cli_main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    rows = []
+    rows, meta = [], run_meta(args.device)
     for i, cfg in enumerate(configs):
         print(f"[{i + 1}/{len(configs)}] {cfg.tag} ...", file=sys.stderr, flush=True)
         start = time.perf_counter()
         rows.append(run_benchmark(cfg, out_dir=args.out, profile=args.profile, memory=args.memory))
+        write_results(rows, args.out, meta, plot=False)  # a run cut short keeps its finished rows
         print(
             f"    {rows[-1]['status']} ({time.perf_counter() - start:.1f} s)",
             file=sys.stderr,
@@ -778,7 +797,7 @@ def cli_main(argv: list[str] | None = None) -> int:
         )
         if args.profile and "top_kernels" in rows[-1]:
             print(f"\ntop kernels, {cfg.tag}:\n{kernel_table(rows[-1]['top_kernels'])}\n")
-    write_results(rows, args.out, run_meta(args.device))
+    write_results(rows, args.out, meta)
     print(results_table(rows))
     print(f"\nwrote {args.out / 'benchmark.json'} and {args.out / 'benchmark.png'}")
     return 0 if all(r["status"] in ("ok", "OOM") for r in rows) else 1
