@@ -345,11 +345,11 @@ FWD_CONFIGS = [
     _cfg(128, 32, 4, 3), _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 2), _cfg(32, 32, 4, 2), _cfg(16, 16, 4, 2),
 ]
 DKDV_CONFIGS = [
-    _cfg(64, 128, 8, 3), _cfg(32, 128, 4, 4), _cfg(64, 128, 4, 3), _cfg(32, 128, 8, 4),
+    _cfg(64, 128, 8, 3), _cfg(32, 128, 4, 4), _cfg(32, 128, 8, 4), _cfg(64, 128, 8, 4),
     _cfg(64, 64, 4, 3), _cfg(32, 64, 4, 2), _cfg(32, 32, 4, 2), _cfg(16, 16, 4, 2),
 ]
 DQ_CONFIGS = [
-    _cfg(128, 64, 8, 3), _cfg(128, 32, 4, 4), _cfg(128, 64, 4, 3), _cfg(128, 32, 8, 4),
+    _cfg(128, 64, 8, 3), _cfg(128, 32, 4, 4), _cfg(128, 32, 8, 4), _cfg(128, 64, 8, 4),
     _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 2), _cfg(32, 32, 4, 2), _cfg(16, 16, 4, 2),
 ]
 # (BLOCK_M, BLOCK_N) in the interpreter: small, so CPU tests cross several tiles at tiny sizes
@@ -394,6 +394,10 @@ def _prune(configs, named_args, **kwargs):
 
 _KEY = ["N_Q", "N_K", "HEAD_DIM", "IS_CAUSAL"]
 _tuned: dict[str, object] = {}
+# Testing hooks (scripts/gpu_flash_check.py, flash_bench): run a given config per kernel name
+# ("fwd", "dkdv", "dq") instead of tuning; fill every output with NaN before the kernels write it.
+FORCE_CONFIG: dict[str, triton.Config] = {}
+POISON_OUTPUTS = False
 
 
 def _launcher(name: str, kernel, configs: list[triton.Config]):
@@ -407,14 +411,14 @@ def _launcher(name: str, kernel, configs: list[triton.Config]):
             bm, bn = INTERPRET_TILES[name]
             meta = {"BLOCK_M": bm, "BLOCK_N": bn}
             kernel[grid_fn(meta)](*args, HEAD_DIM=HEAD_DIM, IS_CAUSAL=IS_CAUSAL, **meta)
-        elif _autotune_enabled():
+        elif _autotune_enabled() and name not in FORCE_CONFIG:
             if name not in _tuned:
                 _tuned[name] = triton.autotune(configs, key=_KEY, prune_configs_by={"early_config_prune": _prune})(
                     kernel
                 )
             _tuned[name][grid_fn](*args, HEAD_DIM=HEAD_DIM, IS_CAUSAL=IS_CAUSAL)
         else:
-            cfg = _candidates(configs, HEAD_DIM, dtype)[0]
+            cfg = FORCE_CONFIG.get(name) or _candidates(configs, HEAD_DIM, dtype)[0]
             kernel[grid_fn(cfg.kwargs)](
                 *args, HEAD_DIM=HEAD_DIM, IS_CAUSAL=IS_CAUSAL, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                 **cfg.kwargs,
@@ -428,12 +432,13 @@ _launch_dkdv = _launcher("dkdv", _bwd_dkdv, DKDV_CONFIGS)
 _launch_dq = _launcher("dq", _bwd_dq, DQ_CONFIGS)
 
 
+def config_name(cfg: triton.Config) -> str:
+    return f"{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']}/w{cfg.num_warps}/s{cfg.num_stages}"
+
+
 def best_configs() -> dict[str, dict]:
-    """The autotuner's choices so far, for the benchmark report."""
-    out = {}
-    for name, tuner in _tuned.items():
-        out[name] = {str(k): str(v) for k, v in getattr(tuner, "cache", {}).items()}
-    return out
+    """The autotuner's choices so far (BLOCK_MxBLOCK_N/warps/stages per key), for the benchmark report."""
+    return {name: {str(key): config_name(cfg) for key, cfg in tuner.cache.items()} for name, tuner in _tuned.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -444,14 +449,17 @@ def _strides3(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+def _empty(shape, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    out = torch.empty(shape, device=like.device, dtype=dtype or like.dtype)
+    return out.fill_(float("nan")) if POISON_OUTPUTS else out
+
+
 def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """q (Z, H, N_Q, D), k, v (Z, H, N_K, D), last dim contiguous -> O like q, L (Z*H, N_Q) fp32."""
     Z, H, N_Q, D = q.shape
     N_K = k.shape[2]
-    o = torch.empty_like(q)
-    if o.stride(-1) != 1:
-        o = torch.empty(q.shape, device=q.device, dtype=q.dtype)
-    L = torch.empty((Z * H, N_Q), device=q.device, dtype=torch.float32)
+    o = _empty(q.shape, q)
+    L = _empty((Z * H, N_Q), q, torch.float32)
     sm_scale = 1.0 / math.sqrt(D)
     _launch_fwd(
         lambda meta: (Z * H, triton.cdiv(N_Q, meta["BLOCK_M"])),
@@ -467,15 +475,13 @@ def flash_bwd(q, k, v, o, L, do, is_causal: bool):
     Z, H, N_Q, D = q.shape
     N_K = k.shape[2]
     sm_scale = 1.0 / math.sqrt(D)
-    delta = torch.empty((Z * H, N_Q), device=q.device, dtype=torch.float32)
-    lse2 = torch.empty_like(delta)
+    delta = _empty((Z * H, N_Q), q, torch.float32)
+    lse2 = _empty((Z * H, N_Q), q, torch.float32)
     pre_m = 32 if _interpreting() else min(128, 4096 // D)
     _bwd_preprocess[(Z * H, triton.cdiv(N_Q, pre_m))](
         o, do, L, delta, lse2, *_strides3(o), *_strides3(do), H, N_Q, HEAD_DIM=D, BLOCK_M=pre_m
     )
-    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
-    dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
-    dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
+    dq, dk, dv = _empty(q.shape, q), _empty(k.shape, k), _empty(v.shape, v)
     _launch_dkdv(
         lambda meta: (Z * H, triton.cdiv(N_K, meta["BLOCK_N"])),
         q, k, v, do, dk, dv, lse2, delta,

@@ -163,7 +163,7 @@ def test_triton_kernels_in_interpreter():
     here = Path(__file__)
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(here), "-k", "interp_"],
-        cwd=here.parent.parent, env=env, capture_output=True, text=True, timeout=600,
+        check=False, cwd=here.parent.parent, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-2000:]
