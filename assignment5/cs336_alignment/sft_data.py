@@ -108,32 +108,63 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def sft_examples(source: str, prompt_name: str = "r1_zero", split: str = "train") -> list[dict[str, str]]:
+def qa_examples(source: str, split: str = "train", limit: int = 0, seed: int = 0) -> list[dict[str, str]]:
+    """Question/answer pairs ``{"question", "answer", "solution"}`` for RL, expert iteration and evaluation.
+
+    ``source``: ``"gsm8k"``, ``"math"`` (``split`` train/test), ``"math500"``, or a JSONL path with
+    ``question`` (or ``problem``/``prompt``) and ``answer`` (or ``ground_truth``) fields.
+    ``limit > 0`` keeps a random subset of that size (seeded), the course's dataset-size knob.
+    """
+    if source in ("gsm8k", "math", "math500"):
+        from cs336_alignment import datasets
+
+        raw = {"gsm8k": lambda: datasets.load_gsm8k(split), "math": lambda: datasets.load_math(split),
+               "math500": datasets.load_math500}[source]()
+        rows = [{"question": ex_question(ex), "answer": ex_answer(ex), "solution": _solution(ex, source)} for ex in raw]
+    else:
+        rows = []
+        for i, r in enumerate(read_jsonl(source), 1):
+            try:
+                rows.append({"question": str(_field(r, "question", "problem", "prompt")),
+                             "answer": str(_field(r, "answer", "ground_truth")), "solution": str(r.get("solution", ""))})
+            except KeyError as e:
+                raise ValueError(f"{source}:{i}: {e.args[0]}") from None
+    if 0 < limit < len(rows):
+        rows = random.Random(seed).sample(rows, limit)
+    return rows
+
+
+def _solution(ex: Any, source: str) -> str:
+    """The worked solution of a dataset example, as reasoning text (GSM8K: without ``<<calc>>`` marks)."""
+    text = str(_field(ex, "solution"))
+    return _GSM8K_CALC.sub("", text).strip() if source == "gsm8k" else text
+
+
+def sft_examples(source: str, prompt_name: str = "r1_zero", split: str = "train", limit: int = 0,
+                 seed: int = 0) -> list[dict[str, str]]:
     """SFT examples ``{"prompt", "response", "answer"}`` from a named source or a JSONL file.
 
-    ``source``: ``"gsm8k"`` (reasoning from the answer field), ``"math"`` (the solution as
-    reasoning, the boxed answer as answer), or a path to a JSONL with ``prompt`` and
-    ``response`` (and optionally ``answer``/``ground_truth``) fields, used verbatim.
+    ``source``: ``"gsm8k"`` (the answer field's reasoning), ``"math"`` (the solution as reasoning,
+    the boxed answer as answer), rendered into the R1-Zero format with the ``prompt_name``
+    template; or a path to a JSONL with ``prompt`` and ``response`` (optionally ``answer`` /
+    ``ground_truth``) fields, used verbatim. ``limit > 0`` keeps a seeded random subset.
     """
-    if source not in ("gsm8k", "math"):
+    if source not in ("gsm8k", "math", "math500"):
         rows = read_jsonl(source)
         for i, row in enumerate(rows, 1):
             if "prompt" not in row or "response" not in row:
                 raise ValueError(f"{source}:{i}: needs 'prompt' and 'response' fields")
-        return [{"prompt": r["prompt"], "response": r["response"], "answer": str(r.get("answer", r.get("ground_truth", "")))} for r in rows]
+        out = [{"prompt": r["prompt"], "response": r["response"], "answer": str(r.get("answer", r.get("ground_truth", "")))}
+               for r in rows]
+        return random.Random(seed).sample(out, limit) if 0 < limit < len(out) else out
 
-    from cs336_alignment import datasets
     from cs336_alignment.prompts import format_prompt
 
-    out = []
-    for ex in datasets.load_gsm8k(split) if source == "gsm8k" else datasets.load_math(split):
-        answer = ex_answer(ex)
-        if source == "gsm8k":
-            reasoning, _ = gsm8k_trace(str(_field(ex, "answer_text", "solution", "raw_answer", "answer_full")))
-        else:
-            reasoning = str(_field(ex, "solution"))
-        out.append({"prompt": format_prompt(prompt_name, ex_question(ex)), "response": r1_zero_response(reasoning, answer), "answer": answer})
-    return out
+    return [
+        {"prompt": format_prompt(prompt_name, ex["question"]), "response": r1_zero_response(ex["solution"], ex["answer"]),
+         "answer": ex["answer"]}
+        for ex in qa_examples(source, split, limit, seed)
+    ]
 
 
 def _field(ex: Any, *names: str) -> Any:

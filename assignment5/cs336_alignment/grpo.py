@@ -1,0 +1,287 @@
+"""GRPO and its policy-gradient relatives (CS336 assignment 5, sec. 7; DeepSeekMath, Shao et al. 2024).
+
+One GRPO step: sample ``rollout_batch_size / group_size`` questions, draw ``group_size``
+responses each from the rollout engine, score them (``grading.r1_zero_reward_fn``), normalize
+rewards within each group, then take ``epochs_per_rollout_batch * rollout_batch_size /
+train_batch_size`` optimizer steps on the batch (on-policy when that is 1, off-policy otherwise,
+with old log-probs from a forward pass before training). Losses, advantages and length
+normalization are the pure functions of ``losses.py``.
+
+    cs336-alignment grpo --model ../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf \\
+        --n_grpo_steps 100 --rollout_batch_size 256 --group_size 8 --loss_type grpo_clip
+
+Logs (``out_dir/log.jsonl``, one "train" record per GRPO step, "eval" records on a schedule):
+reward / format reward / answer reward, entropy, response length, clip fraction, gradient norm,
+validation accuracy, and the step time split into rollout / scoring / training.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from cs336_alignment import losses
+from cs336_alignment.losses import LengthNormalization, LossType
+from cs336_alignment.models import Policy
+from cs336_alignment.sft_data import pack_prompt_and_output_ids, pad_id_of, qa_examples
+from cs336_alignment.train_utils import (
+    Evaluator,
+    RunLog,
+    autocast,
+    build_prompts,
+    default_precision,
+    field,
+    grad_norm_and_clip,
+    load_run_policy,
+    load_trainer_state,
+    make_optimizer,
+    make_rollout_engine,
+    microbatches,
+    param_dtype,
+    parse_config,
+    plot_log,
+    prompt_token_ids,
+    required,
+    resolve_device,
+    save_checkpoint,
+    seed_everything,
+    set_lr,
+    warmup_constant_lr,
+)
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    model: str = required("policy to train: HF directory, .gguf file, or cs336_basics checkpoint")
+    tokenizer: str | None = field(None, "tokenizer directory of a cs336_basics checkpoint")
+    out_dir: str = field("runs/grpo", "log, checkpoints, plots")
+    train_data: str = field("gsm8k", "gsm8k | math | JSONL of question/answer")
+    eval_data: str = field("gsm8k", "gsm8k | math | math500 | JSONL of question/answer")
+    eval_split: str = field("test", "split of eval_data")
+    prompt: str = field("r1_zero", "prompt template (prompts/*.prompt)")
+    max_train_examples: int = field(0, "use a seeded random subset of the training questions (0 = all)")
+    n_grpo_steps: int = field(200, "rollout batches (GRPO steps)")
+    learning_rate: float = field(1e-5, "AdamW learning rate (constant after warm-up)")
+    warmup_steps: int = field(0, "linear warm-up, in GRPO steps")
+    weight_decay: float = field(0.0, "AdamW weight decay")
+    adam_beta1: float = field(0.9, "AdamW beta1")
+    adam_beta2: float = field(0.95, "AdamW beta2")
+    advantage_eps: float = field(1e-6, "added to the group std")
+    rollout_batch_size: int = field(256, "responses per GRPO step (questions x group_size)")
+    group_size: int = field(8, "responses per question")
+    sampling_temperature: float = field(1.0, "rollout temperature")
+    sampling_top_p: float = field(1.0, "rollout nucleus mass")
+    sampling_min_tokens: int = field(4, "no EOS/stop before this many tokens")
+    sampling_max_tokens: int = field(1024, "response length limit")
+    stop: tuple[str, ...] = field(("</answer>",), "stop strings (kept in the response)")
+    epochs_per_rollout_batch: int = field(1, "passes over each rollout batch (>1: off-policy)")
+    train_batch_size: int = field(256, "responses per optimizer step")
+    gradient_accumulation_steps: int = field(128, "micro-batches per optimizer step")
+    loss_type: LossType = field("reinforce_with_baseline", "no_baseline | reinforce_with_baseline | grpo_clip | grpo_no_clip")
+    use_std_normalization: bool = field(True, "divide advantages by the group std (off: Dr. GRPO)")
+    length_normalization: LengthNormalization = field("masked_mean", "masked_mean (per response) | masked_normalize (Dr. GRPO)")
+    normalize_constant: float | None = field(None, "masked_normalize divisor (default: sampling_max_tokens)")
+    cliprange: float = field(0.2, "GRPO-Clip epsilon")
+    max_grad_norm: float = field(1.0, "gradient clipping (<= 0: off)")
+    eval_every: int = field(10, "evaluate every this many GRPO steps (0 = only at the start and the end)")
+    eval_examples: int = field(1024, "validation questions (0 = the whole split)")
+    eval_temperature: float = field(1.0, "evaluation sampling temperature (0 = greedy)")
+    eval_max_tokens: int = field(1024, "evaluation response length limit")
+    checkpoint_every: int = field(0, "checkpoint every this many GRPO steps (0 = only at the end)")
+    resume: bool = field(False, "continue from the latest checkpoint in out_dir")
+    seed: int = field(0, "seed of question sampling, rollouts and initialization")
+    device: str | None = field(None, "cuda | cpu (default: cuda when available)")
+    precision: str | None = field(None, "bf16-mixed | bf16 | fp32 (default: bf16-mixed on CUDA, fp32 on CPU)")
+    rollout_backend: str = field("builtin", "builtin | vllm")
+    rollout_max_batch_size: int = field(512, "sequences decoded at once by the rollout engine")
+
+    def __post_init__(self):
+        if self.rollout_batch_size % self.group_size:
+            raise ValueError("rollout_batch_size must be a multiple of group_size")
+        if self.train_batch_size % self.gradient_accumulation_steps:
+            raise ValueError("train_batch_size must be a multiple of gradient_accumulation_steps")
+        if self.rollout_batch_size % self.train_batch_size:
+            raise ValueError("rollout_batch_size must be a multiple of train_batch_size")
+        if self.loss_type not in losses.LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {losses.LOSS_TYPES}")
+        if self.length_normalization not in losses.LENGTH_NORMALIZATIONS:
+            raise ValueError(f"length_normalization must be one of {losses.LENGTH_NORMALIZATIONS}")
+        if self.precision not in (None, "bf16-mixed", "bf16", "fp32"):
+            raise ValueError("precision must be bf16-mixed, bf16 or fp32")
+
+    @property
+    def off_policy(self) -> bool:
+        """More than one optimizer step per rollout batch: later steps see a stale policy's samples."""
+        return self.epochs_per_rollout_batch * self.rollout_batch_size // self.train_batch_size > 1
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The course's defaults (Qwen2.5-Math-1.5B, MATH) are the dataclass defaults.
+    # SmolLM2-135M on GSM8K within ~30 min of H100 time (see scripts/rl_recipe.sh).
+    "smollm2-gsm8k": dict(n_grpo_steps=100, rollout_batch_size=256, group_size=8, train_batch_size=256,
+                          gradient_accumulation_steps=16, sampling_max_tokens=512, eval_max_tokens=512,
+                          learning_rate=2e-5, loss_type="grpo_clip", epochs_per_rollout_batch=2, eval_every=20,
+                          eval_examples=0),
+}
+
+
+def train_grpo(
+    cfg: GRPOConfig,
+    policy: Policy | None = None,
+    reward_fn: Callable[[str, str], dict[str, float]] | None = None,
+    train_examples: list[dict[str, str]] | None = None,
+    eval_examples: list[dict[str, str]] | None = None,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Run GRPO; returns the final metrics. ``policy``/``reward_fn``/examples override the config's
+    (tests use a tiny model on a toy task; examples are ``{"question" | "prompt", "answer"}``)."""
+    device = resolve_device(cfg.device)
+    precision = cfg.precision or default_precision(device)
+    seed_everything(cfg.seed)
+    ckpt = None
+    if policy is None:
+        policy, ckpt = load_run_policy(cfg.model, cfg.out_dir, cfg.resume, device, param_dtype(precision), cfg.tokenizer)
+    if reward_fn is None:
+        from cs336_alignment.grading import r1_zero_reward_fn as reward_fn
+    if train_examples is None:
+        train_examples = qa_examples(cfg.train_data, "train", cfg.max_train_examples, cfg.seed)
+    train_prompts = build_prompts(cfg.prompt, train_examples)
+    tokenizer = policy.tokenizer
+    pad_id = pad_id_of(tokenizer)
+
+    from cs336_alignment.rollout import SamplingParams
+
+    engine = make_rollout_engine(policy, device, cfg.rollout_backend, cfg.rollout_max_batch_size)
+    evaluator = Evaluator.from_config(cfg, engine, eval_examples, reward_fn)
+    optimizer = make_optimizer(policy.model, cfg.learning_rate, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2))
+    start = load_trainer_state(ckpt, optimizer)["step"] if ckpt is not None else 0
+    log = RunLog(cfg.out_dir, cfg, resume=ckpt is not None, quiet=quiet)
+
+    n_questions = cfg.rollout_batch_size // cfg.group_size
+    micro_size = cfg.train_batch_size // cfg.gradient_accumulation_steps
+    normalize_constant = cfg.normalize_constant or float(cfg.sampling_max_tokens)
+    final: dict[str, Any] = {}
+
+    for step in range(start, cfg.n_grpo_steps + 1):
+        last = step == cfg.n_grpo_steps
+        lr = warmup_constant_lr(step, cfg.learning_rate, cfg.warmup_steps)
+        set_lr(optimizer, lr)
+
+        # ---- evaluation and checkpoint (before the step: step 0 is the starting policy)
+        if evaluator.prompts and (step == start or last or (cfg.eval_every > 0 and step % cfg.eval_every == 0)):
+            final.update(evaluator.run(policy, log, step))
+        if step > start and (last or (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0)):
+            save_checkpoint(cfg.out_dir, step, policy, optimizer, cfg)
+        if last:
+            break
+
+        # ---- rollouts: G responses for each of n_questions questions (seeded by step: resumable)
+        t0 = time.perf_counter()
+        engine.load_weights(policy.model)  # in-place copy into the rollout engine's weights
+        rng = random.Random(cfg.seed * 1_000_003 + step)
+        picked = rng.sample(range(len(train_examples)), n_questions) if n_questions <= len(train_examples) \
+            else [rng.randrange(len(train_examples)) for _ in range(n_questions)]
+        prompt_ids = prompt_token_ids(tokenizer, [train_prompts[i] for i in picked])
+        params = SamplingParams(temperature=cfg.sampling_temperature, top_p=cfg.sampling_top_p,
+                                max_new_tokens=cfg.sampling_max_tokens, min_new_tokens=cfg.sampling_min_tokens,
+                                stop=cfg.stop, n=cfg.group_size, seed=cfg.seed * 1_000_003 + step)
+        outs = engine.generate(prompt_ids, params)
+        completions = [c for group in outs for c in group]  # group by group, as group_normalize expects
+        t1 = time.perf_counter()
+
+        # ---- scoring and group-normalized advantages
+        truths = [train_examples[i]["answer"] for i in picked for _ in range(cfg.group_size)]
+        advantages, raw_rewards, reward_meta = losses.compute_group_normalized_rewards(
+            reward_fn, [c.text for c in completions], truths, cfg.group_size, cfg.advantage_eps, cfg.use_std_normalization)
+        t2 = time.perf_counter()
+
+        # ---- training on the rollout batch (the sampled token ids, not a re-tokenization of the text)
+        batch = pack_prompt_and_output_ids([p for p in prompt_ids for _ in range(cfg.group_size)],
+                                           [c.token_ids for c in completions], pad_id)
+        batch["advantages"], batch["raw_rewards"] = advantages[:, None], raw_rewards[:, None]
+        policy.model.train()
+        old_log_probs = None
+        if cfg.loss_type in ("grpo_clip", "grpo_no_clip") and cfg.off_policy:
+            old_log_probs = torch.zeros(batch["labels"].shape)
+            with torch.no_grad(), autocast(device, precision):
+                for rows, mb in microbatches(batch, torch.arange(cfg.rollout_batch_size), micro_size, device):
+                    lp = losses.get_response_log_probs(policy.model, mb["input_ids"], mb["labels"])["log_probs"]
+                    old_log_probs[rows, : lp.shape[1]] = lp.float().cpu()
+        sums = {"loss": 0.0, "entropy": 0.0, "clip_fraction": 0.0, "grad_norm": 0.0}
+        n_opt, n_micro = 0, 0
+        for _epoch in range(cfg.epochs_per_rollout_batch):
+            order = torch.randperm(cfg.rollout_batch_size)
+            for train_rows in order.split(cfg.train_batch_size):
+                for rows, mb in microbatches(batch, train_rows, micro_size, device):
+                    with autocast(device, precision):
+                        out = losses.get_response_log_probs(policy.model, mb["input_ids"], mb["labels"], return_token_entropy=True)
+                    logp = out["log_probs"]
+                    old = logp.detach() if old_log_probs is None else old_log_probs[rows, : logp.shape[1]].to(device)
+                    loss, meta = losses.grpo_microbatch_train_step(
+                        logp, mb["response_mask"], cfg.gradient_accumulation_steps, cfg.loss_type,
+                        raw_rewards=batch["raw_rewards"][rows].to(device), advantages=batch["advantages"][rows].to(device),
+                        old_log_probs=old, cliprange=cfg.cliprange,
+                        length_normalization=cfg.length_normalization, normalize_constant=normalize_constant)
+                    sums["loss"] += float(loss)
+                    sums["entropy"] += float(losses.masked_mean(out["token_entropy"], mb["response_mask"]))
+                    sums["clip_fraction"] += float(meta["clip_fraction"])
+                    n_micro += 1
+                sums["grad_norm"] += grad_norm_and_clip(policy.model, cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                n_opt += 1
+        t3 = time.perf_counter()
+
+        # ---- log
+        lengths = [len(c.token_ids) for c in completions]
+        record = {
+            **{k.removesuffix("_mean"): v for k, v in reward_meta.items() if k.endswith("_mean")},
+            "reward_std": reward_meta["reward_std"],
+            "frac_groups_all_equal": reward_meta["frac_groups_all_equal"],
+            "loss": sums["loss"] * cfg.gradient_accumulation_steps / max(1, n_micro),
+            "entropy": sums["entropy"] / max(1, n_micro),
+            "clip_fraction": sums["clip_fraction"] / max(1, n_micro),
+            "grad_norm": sums["grad_norm"] / max(1, n_opt),
+            "response_tokens": sum(lengths) / len(lengths),
+            "frac_truncated": sum(c.finish_reason == "length" for c in completions) / len(completions),
+            "lr": lr,
+            "rollout_s": t1 - t0,
+            "scoring_s": t2 - t1,
+            "training_s": t3 - t2,
+            "step_s": t3 - t0,
+            "rollout_tok_per_s": sum(lengths) / max(t1 - t0, 1e-9),
+        }
+        log.log("train", step + 1, **record)
+        final.update(record)
+
+    _plots(log)
+    return final
+
+
+def _plots(log: RunLog) -> None:
+    plot_log(log.path, log.out_dir / "curves.png", {
+        "reward (train)": ("train", "reward"),
+        "answer reward (train)": ("train", "answer_reward"),
+        "format reward (train)": ("train", "format_reward"),
+        "validation accuracy": ("eval", "accuracy"),
+        "validation format rate": ("eval", "format_rate"),
+        "entropy": ("train", "entropy"),
+        "response tokens": ("train", "response_tokens"),
+        "clip fraction": ("train", "clip_fraction"),
+        "grad norm": ("train", "grad_norm"),
+        "step time: rollout (s)": ("train", "rollout_s"),
+        "step time: training (s)": ("train", "training_s"),
+    }, title="GRPO")
+
+
+def cli_main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(GRPOConfig, argv, "GRPO / policy-gradient training with the rollout engine.", PRESETS)
+    final = train_grpo(cfg)
+    print({k: round(v, 4) if isinstance(v, float) else v for k, v in final.items()})
+    print(f"config: {asdict(cfg)}")
+    return 0

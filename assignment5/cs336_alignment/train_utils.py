@@ -1,0 +1,394 @@
+"""Plumbing shared by the alignment training programs (``sft.py``, ``expert_iteration.py``,
+``grpo.py``, ``dpo.py``): config <-> command line, precision, the run log, resumable checkpoints,
+evaluation through the rollout engine, and plots. No training math lives here (see ``losses.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+import types
+import typing
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cs336_alignment.models import Policy
+
+# --------------------------------------------------------------------------- config <-> command line
+
+
+def _field_type(tp: Any) -> Any:
+    """The concrete type argparse should parse for an annotation (``int | None`` -> int)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _field_type(args[0])
+    if typing.get_origin(tp) is typing.Literal:
+        return type(typing.get_args(tp)[0])
+    if typing.get_origin(tp) is tuple:
+        return tuple
+    return tp
+
+
+def parse_config(cls: type, argv: Sequence[str] | None, description: str, presets: dict[str, dict] | None = None) -> Any:
+    """Build the frozen config ``cls`` from ``--field value`` flags, one per dataclass field.
+
+    ``--preset NAME`` starts from ``presets[NAME]`` instead of the dataclass defaults; explicit
+    flags override it. Booleans are ``--flag`` / ``--no-flag``; tuples take several values.
+    Each field's help text is its ``metadata["help"]``.
+    """
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    if presets:
+        parser.add_argument("--preset", choices=sorted(presets), default=None, help="named starting configuration")
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, help_text = _field_type(hints[f.name]), f.metadata.get("help", "")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        flag = "--" + f.name
+        if tp is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"{help_text} (default {default})")
+        elif tp is tuple:
+            inner = _field_type(typing.get_args(hints[f.name])[0]) if typing.get_args(hints[f.name]) else str
+            parser.add_argument(flag, nargs="+", type=inner, default=None, help=f"{help_text} (default {default})")
+        else:
+            choices = typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is typing.Literal else None
+            parser.add_argument(flag, type=tp, choices=choices, default=None, help=f"{help_text} (default {default})")
+    args = vars(parser.parse_args(argv))
+    values = dict(presets[args.pop("preset")]) if presets and args.get("preset") else {}
+    args.pop("preset", None)
+    values.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in args.items() if v is not None})
+    missing = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.name not in values]
+    if missing:
+        parser.error("missing required " + ", ".join("--" + m for m in missing))
+    return cls(**values)
+
+
+def field(default: Any, help: str) -> Any:  # noqa: A002  (mirrors dataclasses.field's vocabulary)
+    """A dataclass field with a help text (shown by ``--help``)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def required(help: str) -> Any:  # noqa: A002
+    return dataclasses.field(metadata={"help": help})
+
+
+# --------------------------------------------------------------------------- devices, precision, seeds
+
+
+def resolve_device(device: str | None) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def param_dtype(precision: str) -> torch.dtype:
+    """``"bf16"`` keeps bf16 parameters (half the memory, as in the course); the others fp32."""
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast for ``"bf16-mixed"`` (fp32 master weights); a no-op otherwise."""
+    if precision == "bf16-mixed":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def default_precision(device: torch.device) -> str:
+    return "bf16-mixed" if device.type == "cuda" else "fp32"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rollout_copy(policy: Policy, dtype: torch.dtype) -> Policy:
+    """A separate inference copy of the policy for the rollout engine (bf16 on GPU).
+
+    Training keeps its own (fp32 master) weights; ``engine.load_weights(policy.model)`` copies
+    them in place before each rollout round.
+    """
+    return Policy(copy.deepcopy(policy.model).to(dtype).eval().requires_grad_(False), policy.tokenizer, policy.kind)
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters (fused kernels on CUDA)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = params[0].is_cuda if params else False
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, fused=fused)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def warmup_constant_lr(step: int, max_lr: float, warmup_steps: int) -> float:
+    """Linear warm-up to ``max_lr``, then constant (the course's RL runs use a constant rate)."""
+    return max_lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else max_lr
+
+
+def grad_norm_and_clip(model: torch.nn.Module, max_norm: float) -> float:
+    """Clip the global gradient norm (``max_norm <= 0``: measure only); returns the norm before clipping."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    return float(norm)  # .item() syncs with the GPU once per optimizer step
+
+
+# --------------------------------------------------------------------------- run log
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class RunLog:
+    """``out_dir/config.json`` (resolved config + git SHA), ``out_dir/log.jsonl`` (one JSON object per
+    record) and one fixed-format line per record on stdout."""
+
+    def __init__(self, out_dir: str | Path, config: Any, resume: bool = False, quiet: bool = False):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.out_dir / "log.jsonl"
+        self.quiet = quiet
+        if not resume and self.path.exists():
+            self.path.unlink()
+        record = {"config": dataclasses.asdict(config), "git_sha": git_sha(), "argv": sys.argv, "time": time.time()}
+        (self.out_dir / "config.json").write_text(json.dumps(record, indent=2, default=str))
+        if not quiet:
+            print(f"config ({record['git_sha']}): {json.dumps(record['config'], default=str)}", flush=True)
+
+    def log(self, kind: str, step: int, **metrics: Any) -> None:
+        """Append a record; ``kind`` is "train", "eval" or another label."""
+        row = {"kind": kind, "step": step, "time": time.time(), **metrics}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row, default=float) + "\n")
+        if not self.quiet:
+            cells = " | ".join(f"{k} {_fmt(v)}" for k, v in metrics.items() if isinstance(v, (int, float)))
+            print(f"{kind:5s} {step:6d} | {cells}", flush=True)
+
+    def records(self, kind: str | None = None) -> list[dict[str, Any]]:
+        return read_log(self.path, kind)
+
+
+def read_log(path: str | Path, kind: str | None = None) -> list[dict[str, Any]]:
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [r for r in rows if kind is None or r.get("kind") == kind]
+
+
+def _fmt(v: float) -> str:
+    if isinstance(v, int):
+        return str(v)
+    return f"{v:.4g}"
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(out_dir: str | Path, step: int, policy: Policy, optimizer: torch.optim.Optimizer | None,
+                    config: Any, keep: int = 2, **extra: Any) -> Path:
+    """Write ``out_dir/checkpoints/step_<n>/`` (``policy/`` loadable by ``load_policy`` + ``trainer.pt``).
+
+    Written to a temporary folder and renamed, so a crash never leaves a half checkpoint that
+    ``latest_checkpoint`` would pick; only the newest ``keep`` are kept.
+    """
+    root = Path(out_dir) / "checkpoints"
+    final, tmp = root / f"step_{step:07d}", root / f".tmp_step_{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    policy.save(tmp / "policy")
+    torch.save({
+        "step": step,
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "config": dataclasses.asdict(config),
+        "git_sha": git_sha(),
+        "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+        **extra,
+    }, tmp / "trainer.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in sorted(root.glob("step_*"))[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    found = sorted((Path(out_dir) / "checkpoints").glob("step_*"))
+    return found[-1] if found else None
+
+
+def load_trainer_state(ckpt: Path, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    """Restore optimizer and RNG state from ``ckpt/trainer.pt``; returns the saved dict (``step``, extras)."""
+    state = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=False)
+    if optimizer is not None and state.get("optimizer") is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    return state
+
+
+def load_run_policy(model_spec: str, out_dir: str | Path, resume: bool, device: torch.device, dtype: torch.dtype,
+                    tokenizer: str | None = None) -> tuple[Policy, Path | None]:
+    """The policy to train: the latest checkpoint's when resuming (and one exists), else ``model_spec``."""
+    from cs336_alignment.models import load_policy
+
+    ckpt = latest_checkpoint(out_dir) if resume else None
+    spec = ckpt / "policy" if ckpt is not None else model_spec
+    tok = None if ckpt is not None else tokenizer
+    return load_policy(spec, device=device, dtype=dtype, **({"tokenizer": tok} if tok else {})), ckpt
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def prompt_token_ids(tokenizer: Any, prompts: list[str]) -> list[list[int]]:
+    """Prompt ids exactly as ``tokenize_prompt_and_output`` makes them (so rollouts and training agree)."""
+    return [list(ids) for ids in tokenizer(list(prompts))["input_ids"]]
+
+
+def build_prompts(prompt_name: str, examples: list[dict[str, str]]) -> list[str]:
+    """Each example's ``prompt`` if it has one, else its ``question`` in the ``prompt_name`` template."""
+    if all("prompt" in ex for ex in examples):
+        return [ex["prompt"] for ex in examples]
+    from cs336_alignment.prompts import format_prompt
+
+    return [ex["prompt"] if "prompt" in ex else format_prompt(prompt_name, ex["question"]) for ex in examples]
+
+
+def make_rollout_engine(policy: Policy, device: torch.device, backend: str, max_batch_size: int) -> Any:
+    """A rollout engine over a separate inference copy of ``policy`` (bf16 on GPU, fp32 on CPU)."""
+    from cs336_alignment.rollout import make_engine
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return make_engine(rollout_copy(policy, dtype), backend, max_batch_size=max_batch_size)
+
+
+class Evaluator:
+    """Sample one response per held-out question with the rollout engine and grade it."""
+
+    def __init__(self, engine: Any, examples: list[dict[str, str]], prompt_name: str, params: Any,
+                 reward_fn: Callable[[str, str], dict[str, float]] | None = None):
+        if reward_fn is None:
+            from cs336_alignment.grading import r1_zero_reward_fn as reward_fn
+        self.engine, self.params, self.reward_fn = engine, params, reward_fn
+        self.prompts, self.answers = build_prompts(prompt_name, examples), [ex["answer"] for ex in examples]
+
+    @classmethod
+    def from_config(cls, cfg: Any, engine: Any, examples: list[dict[str, str]] | None = None,
+                    reward_fn: Callable[[str, str], dict[str, float]] | None = None) -> Evaluator:
+        """From a config's ``eval_data``, ``eval_split``, ``eval_examples``, ``prompt``,
+        ``eval_temperature``, ``eval_max_tokens``, ``stop`` and ``seed`` fields."""
+        from cs336_alignment.rollout import SamplingParams
+        from cs336_alignment.sft_data import qa_examples
+
+        if examples is None:
+            examples = qa_examples(cfg.eval_data, cfg.eval_split, cfg.eval_examples, cfg.seed)
+        params = SamplingParams(temperature=cfg.eval_temperature, max_new_tokens=cfg.eval_max_tokens,
+                                stop=tuple(cfg.stop), seed=cfg.seed)
+        return cls(engine, examples, cfg.prompt, params, reward_fn)
+
+    def run(self, policy: Policy, log: RunLog, step: int) -> dict[str, float]:
+        """Evaluate the current weights of ``policy``; logs an "eval" record and writes the samples."""
+        self.engine.load_weights(policy.model)
+        metrics = evaluate_rewards(self.engine, self.prompts, self.answers, self.params, self.reward_fn,
+                                   log.out_dir / f"eval_samples_step{step:05d}.jsonl")
+        log.log("eval", step, **metrics)
+        return {f"eval_{k}": v for k, v in metrics.items()}
+
+
+def evaluate_rewards(
+    engine: Any,
+    prompts: list[str],
+    answers: list[str],
+    params: Any,
+    reward_fn: Callable[[str, str], dict[str, float]],
+    samples_path: str | Path | None = None,
+) -> dict[str, float]:
+    """Generate one completion per prompt and score it: mean reward, answer accuracy, format rate, length.
+
+    ``samples_path``: also write every (prompt, response, answer, rewards) as JSONL.
+    """
+    t0 = time.perf_counter()
+    outs = engine.generate(prompt_token_ids(engine.policy.tokenizer, prompts), params)
+    scores = [reward_fn(o[0].text, a) for o, a in zip(outs, answers)]
+    n = max(1, len(scores))
+    metrics = {
+        "accuracy": sum(s.get("answer_reward", s["reward"]) for s in scores) / n,
+        "format_rate": sum(s.get("format_reward", 0.0) for s in scores) / n,
+        "reward": sum(s["reward"] for s in scores) / n,
+        "response_tokens": sum(len(o[0].token_ids) for o in outs) / n,
+        "eval_seconds": time.perf_counter() - t0,
+        "n": len(scores),
+    }
+    if samples_path is not None:
+        with open(samples_path, "w") as f:
+            for p, o, a, s in zip(prompts, outs, answers, scores):
+                f.write(json.dumps({"prompt": p, "response": o[0].text, "answer": a, **s}) + "\n")
+    return metrics
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def plot_log(log_path: str | Path, out_png: str | Path, panels: dict[str, tuple[str, str]], title: str = "") -> Path | None:
+    """One subplot per ``panels`` entry ``label -> (record kind, metric)``, metric against step.
+
+    Returns the image path, or None when matplotlib is missing or nothing was logged.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = read_log(log_path)
+    series = {}
+    for label, (kind, key) in panels.items():
+        pts = [(r["step"], r[key]) for r in rows if r.get("kind") == kind and isinstance(r.get(key), (int, float))]
+        if pts:
+            series[label] = pts
+    if not series:
+        return None
+    cols = min(3, len(series))
+    nrows = -(-len(series) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.5 * cols, 3.2 * nrows), squeeze=False)
+    for ax, (label, pts) in zip(axes.flat, series.items()):
+        xs, ys = zip(*pts)
+        ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, ms=3)
+        ax.set_title(label)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(series):]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return Path(out_png)
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def microbatches(batch: dict[str, torch.Tensor], rows: torch.Tensor, micro_size: int, device: torch.device):
+    """Split the ``rows`` of a ``pack_prompt_and_output_ids`` batch into micro-batches on ``device``,
+    each cut after its last response token (padding past it needs no forward pass)."""
+    for chunk in rows.split(micro_size):
+        mask = batch["response_mask"][chunk]
+        used = mask.any(dim=0).nonzero()
+        width = int(used.max()) + 1 if used.numel() else 1
+        yield chunk, {k: v[chunk, :width].to(device, non_blocking=True) for k, v in batch.items() if v.dim() == 2}
