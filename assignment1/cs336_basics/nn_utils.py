@@ -19,7 +19,8 @@ def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     with ``m = max x``, so large logits never overflow; computed in fp32 even under bf16 autocast.
     """
     logits = logits.float()
-    m = logits.amax(dim=-1, keepdim=True)  # (..., 1)
+    # m cancels out of the value and the gradient, so it needs no backward pass of its own
+    m = logits.amax(dim=-1, keepdim=True).detach()  # (..., 1)
     lse = m.squeeze(-1) + torch.log(torch.exp(logits - m).sum(dim=-1))  # (...)
     target_logit = logits.gather(-1, targets.unsqueeze(-1).long()).squeeze(-1)  # (...)
     return (lse - target_logit).mean()
