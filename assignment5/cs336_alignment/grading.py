@@ -114,10 +114,14 @@ def question_only_reward_fn(response: str, ground_truth: str) -> dict[str, float
 
 
 def extract_boxed(text: str) -> str | None:
-    """Contents of the last ``\\boxed{...}`` (or ``\\fbox{...}``), braces balanced; None if absent."""
+    """Contents of the last ``\\boxed{...}`` (or ``\\fbox{...}``, ``\\boxed 2``), braces balanced; None if absent."""
     start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
     if start < 0:
         return None
+    rest = text[start:].removeprefix("\\boxed").removeprefix("\\fbox")
+    if rest.startswith(" "):  # "\\boxed 2": a brace-less argument, up to a space or "$"
+        match = re.match(r"\s+([^\s$]+)", rest)
+        return match.group(1) if match else None
     brace = text.find("{", start)
     if brace < 0:
         return None

@@ -156,18 +156,23 @@ def _basics_weights(model: nn.Module) -> _Weights:
 
 
 def _rms_norm(x: Tensor, w: Tensor, eps: float) -> Tensor:
-    h = x.float()  # fp32 for the mean of squares
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return w * h.to(x.dtype)
+    return F.rms_norm(x, w.shape, w, eps)  # one fused kernel; accumulates in fp32 for bf16 inputs
+
+
+def _rope_tables(cos: Tensor, sin: Tensor, pos: Tensor, dtype: torch.dtype, interleaved: bool):
+    """cos/sin at ``pos``, shaped for :func:`_rope`: fp32 (..., D/2) pairs, or HF's (..., D) halves in ``dtype``."""
+    cos, sin = cos[pos], sin[pos]
+    if interleaved:
+        return cos, sin
+    return torch.cat((cos, cos), -1).to(dtype), torch.cat((sin, sin), -1).to(dtype)
 
 
 def _rope(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool) -> Tensor:
-    """Rotate ``x`` (..., D) by angles with tables ``cos``/``sin`` broadcastable to (..., D/2)."""
-    if interleaved:
+    """Rotate ``x`` (..., D) with tables from :func:`_rope_tables` (broadcast over heads)."""
+    if interleaved:  # cs336_basics: pairs (x[2i], x[2i+1]), in fp32
         x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
         return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), -1).flatten(-2).to(x.dtype)
-    cos, sin = torch.cat((cos, cos), -1).to(x.dtype), torch.cat((sin, sin), -1).to(x.dtype)
-    x1, x2 = x.chunk(2, -1)
+    x1, x2 = x.chunk(2, -1)  # HF: halves (x[i], x[i + D/2])
     return x * cos + torch.cat((-x2, x1), -1) * sin
 
 
@@ -199,7 +204,7 @@ def _prefill(w: _Weights, cache: _KVCache, ids: Tensor, pads: Tensor, dst: Tenso
     mask = (key_ok & (cols[None, None, :] <= cols[None, :, None])) | torch.eye(p, dtype=torch.bool,
                                                                                 device=ids.device)
     mask = mask[:, None]  # (c, 1, P, P); pad queries see themselves only, so no row is empty
-    cos_p, sin_p = cos[pos][:, None], sin[pos][:, None]  # (c, 1, P, D/2)
+    cos_p, sin_p = _rope_tables(cos, sin, pos[:, None], w.embed.dtype, w.interleaved_rope)  # (c, 1, P, .)
     x = F.embedding(ids, w.embed)  # (c, P, C)
     for i, ly in enumerate(w.layers):
         h = _rms_norm(x, ly.attn_norm, w.eps)
@@ -224,10 +229,12 @@ def _decode(w: _Weights, k_all: Tensor, v_all: Tensor, tok: Tensor, t: Tensor, p
     b, lb = tok.shape[0], k_all.shape[3]
     g = w.n_heads // w.n_kv_heads
     pos = t - pads  # (b,)
-    cos_t, sin_t = cos[pos][:, None], sin[pos][:, None]  # (b, 1, D/2)
+    cos_t, sin_t = _rope_tables(cos, sin, pos[:, None], w.embed.dtype, w.interleaved_rope)  # (b, 1, .)
     cols = torch.arange(lb, device=tok.device)
     valid = (cols[None, :] >= pads[:, None]) & (cols[None, :] <= t)  # (b, Lb)
-    bias = torch.zeros(valid.shape, device=tok.device).masked_fill_(~valid, float("-inf"))[:, None, None]
+    bias = torch.zeros(valid.shape, device=tok.device, dtype=w.embed.dtype).masked_fill_(~valid, float("-inf"))
+    bias = bias.repeat_interleave(w.n_kv_heads, 0)[:, None]  # (b*Hkv, 1, Lb)
+    scale = 1.0 / math.sqrt(w.head_dim)
     t1 = t.view(1)
     x = F.embedding(tok, w.embed)  # (b, C)
     for i, ly in enumerate(w.layers):
@@ -238,32 +245,34 @@ def _decode(w: _Weights, k_all: Tensor, v_all: Tensor, tok: Tensor, t: Tensor, p
         q, k = _rope(q, cos_t, sin_t, w.interleaved_rope), _rope(k, cos_t, sin_t, w.interleaved_rope)
         k_all[i].index_copy_(2, t1, k[:, :, None])
         v_all[i].index_copy_(2, t1, v[:, :, None])
-        qg = q.view(b, w.n_kv_heads, g, w.head_dim)  # GQA: query heads grouped under their KV head
-        scores = (qg @ k_all[i].transpose(-1, -2)).float() / math.sqrt(w.head_dim) + bias  # (b, Hkv, G, Lb)
-        o = scores.softmax(-1).to(v.dtype) @ v_all[i]  # (b, Hkv, G, D)
+        # GQA: the G query heads of a KV head form the rows of one small matrix product
+        qg = q.view(b * w.n_kv_heads, g, w.head_dim)
+        scores = torch.baddbmm(bias, qg, k_all[i].flatten(0, 1).transpose(1, 2), alpha=scale)  # (b*Hkv, G, Lb)
+        o = torch.bmm(scores.softmax(-1), v_all[i].flatten(0, 1))  # (b*Hkv, G, D); softmax accumulates in fp32
         x = x + F.linear(o.reshape(b, -1), ly.wo)
         x = x + _mlp(_rms_norm(x, ly.mlp_norm, w.eps), ly)
     return F.linear(_rms_norm(x, w.norm, w.eps), w.lm_head).float()
 
 
 def _sample(logits: Tensor, noise: Tensor | None, temperature: float, top_p: float, ban: Tensor,
-            eos_mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Pick one token per row of ``logits`` (b, V). ``noise`` ~ Exp(1) (b, V) (None = greedy);
-    ``ban`` (0-d bool) forbids the tokens of ``eos_mask`` (V,) (min_new_tokens). Returns (token
-    ids, their log-probs under the untempered distribution)."""
-    logprobs = logits.log_softmax(-1)
-    scores = torch.where(ban & eos_mask, float("-inf"), logits)
+            eos_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """Pick one token per row of ``logits`` (b, V), which it overwrites. ``noise`` ~ Exp(1) (b, V),
+    also overwritten (None = greedy); ``ban`` (0-d bool) forbids ``eos_ids`` (min_new_tokens).
+    Returns (token ids, their log-probs under the untempered, unbanned distribution)."""
+    lse = logits.logsumexp(-1)  # (b,): before the ban, so log-probs are the model's own
+    logits[:, eos_ids] = torch.where(ban, float("-inf"), logits[:, eos_ids])  # a chosen token is never banned
     if noise is None:
-        tok = scores.argmax(-1)
-    else:
-        scores = scores / temperature
-        if top_p < 1.0:
-            sorted_scores, order = scores.sort(-1, descending=True)
-            mass_before = sorted_scores.softmax(-1).cumsum(-1) - sorted_scores.softmax(-1)
-            sorted_scores = sorted_scores.masked_fill(mass_before >= top_p, float("-inf"))  # top-1 always kept
-            scores = torch.full_like(scores, float("-inf")).scatter(-1, order, sorted_scores)
-        tok = (scores - noise.log()).argmax(-1)  # Gumbel-max: argmax(s + G), G = -log(Exp(1))
-    return tok, logprobs.gather(-1, tok[:, None])[:, 0]
+        tok = logits.argmax(-1)
+    elif top_p < 1.0:
+        scores = logits / temperature
+        sorted_scores, order = scores.sort(-1, descending=True)
+        probs = sorted_scores.softmax(-1)
+        sorted_scores = sorted_scores.masked_fill(probs.cumsum(-1) - probs >= top_p, float("-inf"))  # keeps top-1
+        scores = torch.full_like(scores, float("-inf")).scatter(-1, order, sorted_scores)
+        tok = (scores - noise.log_()).argmax(-1)  # Gumbel-max: argmax(s + G), G = -log(Exp(1))
+    else:  # the same, scaled by T (same argmax) to save a pass over (b, V)
+        tok = torch.sub(logits, noise.log_(), alpha=temperature).argmax(-1)
+    return tok, logits.gather(-1, tok[:, None])[:, 0] - lse
 
 
 # ----------------------------------------------------------------------------- the engine
@@ -286,6 +295,7 @@ class RolloutEngine:
         eos = getattr(getattr(policy.model, "generation_config", None), "eos_token_id", None)
         eos = {tok.eos_token_id} | set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.eos_set = {i for i in eos if i is not None}
+        self.eos_ids = torch.tensor(sorted(self.eos_set), device=self.device)
         self.eos_mask = torch.zeros(self.weights.lm_head.shape[0], dtype=torch.bool, device=self.device)
         self.eos_mask[sorted(self.eos_set)] = True
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -318,6 +328,7 @@ class RolloutEngine:
         c = self._cache
         if c is None or c.batch < batch or c.length < length:
             self._graphs.clear()  # graphs point into the old buffers
+            self._pool = None  # a pool whose graphs are all gone cannot be captured into again
             self._cache = None
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -348,7 +359,7 @@ class RolloutEngine:
     def _pick(self, logits: Tensor, b: int, params: SamplingParams) -> None:
         noise = None if params.temperature == 0 else self._noise[:b]
         tok, lp = _sample(logits, noise, params.temperature, params.top_p, self._gen < self._min_new,
-                          self.eos_mask)
+                          self.eos_ids)
         done = self._done[:b]
         tok = torch.where(done, self.pad_id, tok)
         g1 = self._gen.view(1)

@@ -32,7 +32,7 @@ def hf_greedy(model, tok, prompts, max_new_tokens, **kw):
 def teacher_forced_logprobs(model, tok, prompt: str, completion: list[int]) -> torch.Tensor:
     ids = tok.encode(prompt) + completion
     with torch.no_grad():
-        logits = model(torch.tensor([ids])).logits[0].float()
+        logits = model(torch.tensor([ids], device=model.device)).logits[0].float().cpu()
     p = len(ids) - len(completion)
     return logits[p - 1:-1].log_softmax(-1).gather(-1, torch.tensor(completion)[:, None])[:, 0]
 
@@ -144,3 +144,21 @@ def test_sampling_params_validation():
                 {"n": 0}):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graphs_match_eager_and_transformers(tok):
+    model = tiny_llama(len(tok), initializer_range=0.2, seed=0).cuda()
+    graphs = RolloutEngine(Policy(model, tok), max_batch_size=8, check_every=3, len_bucket=8, cuda_graphs=True)
+    eager = RolloutEngine(Policy(model, tok), max_batch_size=8, check_every=3, len_bucket=8, cuda_graphs=False)
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=12, n=2)
+    a, b = graphs.generate(PROMPTS, greedy), eager.generate(PROMPTS, greedy)
+    assert [[c.token_ids for c in cs] for cs in a] == [[c.token_ids for c in cs] for cs in b]
+    sampled = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=12, n=3, seed=5)
+    a, b = graphs.generate(PROMPTS, sampled), eager.generate(PROMPTS, sampled)
+    assert [[c.token_ids for c in cs] for cs in a] == [[c.token_ids for c in cs] for cs in b]
+    for prompt, completions in zip(PROMPTS, a):
+        for c in completions:
+            expected = teacher_forced_logprobs(model, tok, prompt, c.token_ids)
+            torch.testing.assert_close(torch.tensor(c.logprobs), expected, atol=1e-3, rtol=1e-3)
