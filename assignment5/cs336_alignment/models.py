@@ -61,7 +61,7 @@ class Policy:
         else:
             from cs336_basics.checkpoint import save_checkpoint
 
-            save_checkpoint(self.model, None, 0, out / "model.pt", model_config=_basics_config(self.model))
+            save_checkpoint(self.model, None, 0, out / "model.pt", config=_basics_config(self.model))
             self.tokenizer.save_pretrained(out)
         return out
 
@@ -163,56 +163,31 @@ class BasicsTokenizer:
         self.tokenizer.save(out_dir)
 
 
-_BASICS_CONFIG_KEYS = ("vocab_size", "context_length", "d_model", "num_layers", "num_heads", "d_ff", "rope_theta")
-
-
 def _basics_config(model: nn.Module) -> dict[str, Any]:
-    cfg = getattr(model, "config", None)
-    if isinstance(cfg, dict):
-        return cfg
-    layer = model.layers[0]
+    """The ``config`` entry that ``cs336_basics.generate.load_model_from_checkpoint`` rebuilds a model from."""
+    blk = model.layers[0]
+    rope = blk.attn.rope
+    d_k = model.d_model // model.num_heads
+    # RoPE keeps only its cos/sin tables: cos[1, 1] = cos(theta^(-2/d_k)) gives theta back.
+    theta = float(torch.arccos(rope.cos[1, 1].double()) ** (-d_k / 2.0)) if rope is not None else 10000.0
+    norm = "none" if not hasattr(blk.ln1, "weight") else ("pre" if blk.pre_norm else "post")
     return {
-        "vocab_size": model.vocab_size, "context_length": model.context_length, "d_model": model.d_model,
-        "num_layers": model.num_layers, "num_heads": model.num_heads, "d_ff": layer.ffn.w1.weight.shape[0],
-        "rope_theta": _basics_rope_theta(model),
+        "model_impl": "cs336", "vocab_size": model.vocab_size, "context_length": model.context_length,
+        "d_model": model.d_model, "num_layers": model.num_layers, "num_heads": model.num_heads,
+        "d_ff": blk.ffn.w1.weight.shape[0], "rope_theta": theta, "norm": norm,
+        "ffn": "swiglu" if hasattr(blk.ffn, "w3") else "silu", "use_rope": rope is not None,
         "tie_embeddings": model.lm_head.weight is model.token_embeddings.weight,
     }
 
 
-def _basics_rope_theta(model: nn.Module) -> float:
-    rope = model.layers[0].attn.rope
-    d_k = model.d_model // model.num_heads
-    # cos table row 1 = cos(theta^(-2/d_k)) for pair i=1: recover theta from the angle.
-    angle = torch.arccos(rope.cos[1, 1].double())
-    return float(angle ** (-d_k / 2.0))
-
-
 def _load_basics(ckpt: Path, tokenizer_dir: Path, dtype: torch.dtype) -> Policy:
+    from cs336_basics.generate import load_model_from_checkpoint
     from cs336_basics.tokenizer import Tokenizer
 
-    try:
-        from cs336_basics.generate import load_model_from_checkpoint
-
-        model = load_model_from_checkpoint(ckpt, "cpu")
-    except ImportError:  # fall back to our own reading of the checkpoint's recorded config
-        model = _basics_model_from_checkpoint(ckpt)
     if not (tokenizer_dir / "vocab.json").exists():
         raise FileNotFoundError(f"no tokenizer (vocab.json, merges.txt) in {tokenizer_dir}; pass tokenizer=DIR")
+    model = load_model_from_checkpoint(ckpt, "cpu")
     return Policy(model.to(dtype), BasicsTokenizer(Tokenizer.from_dir(tokenizer_dir)), "basics")
-
-
-def _basics_model_from_checkpoint(ckpt: Path) -> nn.Module:
-    from cs336_basics.checkpoint import load_model_state, read_checkpoint
-    from cs336_basics.model import TransformerLM
-
-    payload = read_checkpoint(ckpt)
-    cfg = payload.get("model_config") or payload.get("config")
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{ckpt} records no model config; cannot rebuild its TransformerLM")  # noqa: TRY004
-    kw = {k: cfg[k] for k in _BASICS_CONFIG_KEYS if k in cfg}
-    model = TransformerLM(**kw, tie_embeddings=bool(cfg.get("tie_embeddings", False)))
-    load_model_state(model, payload["model"], str(ckpt))
-    return model
 
 
 # ----------------------------------------------------------------------------- test helpers

@@ -132,7 +132,7 @@ def _hf_weights(model: nn.Module) -> _Weights:
 
 def _basics_weights(model: nn.Module) -> _Weights:
     blk0 = model.layers[0]
-    if blk0.attn.rope is None or not hasattr(blk0.ffn, "w3") or getattr(blk0, "norm", "pre") != "pre":
+    if blk0.attn.rope is None or not hasattr(blk0.ffn, "w3") or not blk0.pre_norm or not hasattr(blk0.ln1, "weight"):
         raise NotImplementedError("the built-in engine runs pre-norm SwiGLU RoPE TransformerLMs")
     rope = blk0.attn.rope
 
