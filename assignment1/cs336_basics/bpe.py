@@ -161,13 +161,16 @@ def merge_words(
         for wi in set(where.pop(k)):
             w = words[wi]
             c = counts[wi]
-            i = 0
-            while True:
-                try:
-                    i = w.index(a, i)
-                except ValueError:
-                    break
+            # Visit each occurrence of ``a`` once, left to right; counting them first means no
+            # ValueError has to end the search (exceptions are slow). A merge eats one ``a``, or
+            # two when a == b.
+            remaining = w.count(a)
+            eaten = 2 if a == b else 1
+            i = -1
+            while remaining > 0:
+                i = w.index(a, i + 1)
                 if i + 1 < len(w) and w[i + 1] == b:
+                    remaining -= eaten
                     if i > 0:
                         left = w[i - 1]
                         old = left * K + a
@@ -176,7 +179,11 @@ def merge_words(
                         nk = left * K + new
                         pair_count[nk] = pair_count.get(nk, 0) + c
                         born.add(nk)
-                        where.setdefault(nk, []).append(wi)
+                        lst = where.get(nk)
+                        if lst is None:
+                            where[nk] = [wi]
+                        else:
+                            lst.append(wi)
                     if i + 2 < len(w):
                         right = w[i + 2]
                         old = b * K + right
@@ -185,9 +192,14 @@ def merge_words(
                         nk = new * K + right
                         pair_count[nk] = pair_count.get(nk, 0) + c
                         born.add(nk)
-                        where.setdefault(nk, []).append(wi)
-                    w[i : i + 2] = [new]
-                i += 1
+                        lst = where.get(nk)
+                        if lst is None:
+                            where[nk] = [wi]
+                        else:
+                            lst.append(wi)
+                    w[i : i + 2] = (new,)
+                else:
+                    remaining -= 1
         for nk in born:
             c = pair_count[nk]
             if c > 0:

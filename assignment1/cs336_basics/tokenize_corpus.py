@@ -13,6 +13,7 @@ CLI: ``cs336-basics tokenize --tokenizer DIR --input F --out F.bin``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -77,7 +78,7 @@ def tokenize_file(
     if chunk_bytes is None:  # many chunks: load balance, steady progress, small worker memory
         chunk_bytes = min(max(size // (8 * num_workers) + 1, 1 << 20), 1 << 24)
     bounds = chunk_boundaries(path, chunk_bytes, tok.special_tokens, encoding)
-    tasks = [(str(path), s, e, encoding, dtype) for s, e in zip(bounds, bounds[1:], strict=False)]
+    tasks = [(str(path), s, e, encoding, dtype) for s, e in itertools.pairwise(bounds)]
 
     t0 = time.perf_counter()
     tmp = out.with_name(out.name + ".tmp")

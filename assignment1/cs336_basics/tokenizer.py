@@ -19,7 +19,7 @@ import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from functools import lru_cache
-from itertools import chain, pairwise
+from itertools import chain, pairwise, repeat
 from pathlib import Path
 
 import regex
@@ -128,8 +128,9 @@ class Tokenizer:
             )
         self._byte_ids = [id_of[bytes([b])] for b in range(256)]
 
-        # (left id, right id) -> (rank, merged id)
-        self._ranks: dict[tuple[int, int], tuple[int, int]] = {}
+        # (left id, right id) -> merge rank; rank -> id of the merged token
+        self._ranks: dict[tuple[int, int], int] = {}
+        self._merged: list[int] = []
         for rank, (a, b) in enumerate(self.merges):
             ia, ib, iab = id_of.get(a), id_of.get(b), id_of.get(a + b)
             if ia is None or ib is None or iab is None:
@@ -138,7 +139,8 @@ class Tokenizer:
                     f"merges and vocab do not match: merge #{rank} {a!r} + {b!r} needs "
                     f"{', '.join(map(repr, absent))}, which the vocab lacks"
                 )
-            self._ranks.setdefault((ia, ib), (rank, iab))
+            self._ranks.setdefault((ia, ib), rank)
+            self._merged.append(iab)
         self._special_re = special_pattern(self.special_tokens)
         self._cut_re = safe_cut_regex(self.special_tokens)
         self._cache = _PretokenCache(self._bpe, cache_size)
@@ -233,42 +235,43 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ BPE
     def _bpe(self, pretoken: str) -> tuple[int, ...]:
-        ids = [self._byte_ids[b] for b in pretoken.encode("utf-8")]
-        # short words (almost all): the plain loop is faster; long ones: O(n log n)
-        return tuple(self._bpe_heap(ids) if len(ids) > 24 else self._bpe_loop(ids))
+        ids = list(map(self._byte_ids.__getitem__, pretoken.encode("utf-8")))
+        if len(ids) == 1:
+            return (ids[0],)
+        # short words (almost all): the list scan is faster; long ones: O(n log n)
+        return tuple(self._bpe_heap(ids) if len(ids) > 64 else self._bpe_scan(ids))
 
-    def _bpe_loop(self, ids: list[int]) -> list[int]:
-        """GPT-2's merge loop: find the lowest-rank adjacent pair, merge all its occurrences left
-        to right, repeat. O(n^2) per word."""
-        ranks = self._ranks
-        while len(ids) > 1:
-            # the lowest-rank adjacent pair; merge all its (non-overlapping) occurrences
-            best = None
-            for pair in pairwise(ids):
-                r = ranks.get(pair)
-                if r is not None and (best is None or r < best):
-                    best = r
-            if best is None:
+    def _bpe_scan(self, ids: list[int]) -> list[int]:
+        """Repeatedly merge the leftmost lowest-rank adjacent pair; ``rs[i]`` is the rank of
+        ``(ids[i], ids[i+1])`` and only the two neighbours change per merge, so each merge costs
+        one C-level ``min`` over the word.
+
+        Same result as GPT-2's loop (merge every occurrence of the best pair left to right, then
+        look again): equal ranks are taken left to right, and a merge only creates pairs that
+        contain the new token, whose ranks are larger."""
+        get = self._ranks.get
+        none = len(self._merged)  # "no merge": above every rank
+        rs = list(map(get, pairwise(ids), repeat(none)))
+        while rs:
+            r = min(rs)
+            if r == none:
                 break
-            new = best[1]
-            out = []
-            i = 0
-            n = len(ids)
-            while i < n:
-                if i + 1 < n and ranks.get((ids[i], ids[i + 1])) == best:
-                    out.append(new)
-                    i += 2
-                else:
-                    out.append(ids[i])
-                    i += 1
-            ids = out
+            i = rs.index(r)
+            new = self._merged[r]
+            ids[i : i + 2] = (new,)
+            del rs[i]
+            if i > 0:
+                rs[i - 1] = get((ids[i - 1], new), none)
+            if i < len(rs):
+                rs[i] = get((new, ids[i + 1]), none)
         return ids
 
     def _bpe_heap(self, ids: list[int]) -> list[int]:
-        """Same result as the loop in ``_bpe`` in O(n log n): a heap of (rank, position) over a
+        """Same result as ``_bpe_scan`` in O(n log n): a heap of (rank, position) over a
         linked list of tokens. Equal ranks pop left to right, which is the loop's
         merge-all-occurrences-left-to-right; pairs created by a merge always rank later."""
         ranks = self._ranks
+        merged = self._merged
         n = len(ids)
         tok = list(ids)
         nxt = list(range(1, n + 1))
@@ -278,14 +281,14 @@ class Tokenizer:
         for i in range(n - 1):
             r = ranks.get((tok[i], tok[i + 1]))
             if r is not None:
-                heap.append((r[0], i, tok[i], tok[i + 1], r[1]))
+                heap.append((r, i, tok[i], tok[i + 1]))
         heapq.heapify(heap)
         while heap:
-            _, i, a, b, new = heapq.heappop(heap)
+            r, i, a, b = heapq.heappop(heap)
             j = nxt[i] if alive[i] else n
             if j >= n or tok[i] != a or tok[j] != b:
                 continue  # stale: a neighbour was merged away since this entry was pushed
-            tok[i] = new
+            tok[i] = new = merged[r]
             alive[j] = False
             nxt[i] = nxt[j]
             if nxt[i] < n:
@@ -294,12 +297,12 @@ class Tokenizer:
             if p >= 0:
                 r = ranks.get((tok[p], new))
                 if r is not None:
-                    heapq.heappush(heap, (r[0], p, tok[p], new, r[1]))
+                    heapq.heappush(heap, (r, p, tok[p], new))
             q = nxt[i]
             if q < n:
                 r = ranks.get((new, tok[q]))
                 if r is not None:
-                    heapq.heappush(heap, (r[0], i, new, tok[q], r[1]))
+                    heapq.heappush(heap, (r, i, new, tok[q]))
         return [tok[i] for i in range(n) if alive[i]]
 
     # ------------------------------------------------------------------ encode / decode

@@ -94,6 +94,7 @@ def test_train_and_tokenize_cli(tok_dir, small_text, tmp_path):
         ],
         capture_output=True,
         text=True,
+        check=False,
     )
     assert rc.returncode == 0, rc.stderr
     assert out2.read_bytes() == out.read_bytes()

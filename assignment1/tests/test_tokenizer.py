@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -82,12 +83,34 @@ def test_matches_tiktoken_on_hypothesis_text(ours, reference, parts, with_eot):
     assert ours.decode(ids) == text
 
 
+def gpt2_merge_loop(tok: Tokenizer, ids: list[int]) -> list[int]:
+    """GPT-2's ``encoder.py`` loop, written from the paper's code: find the lowest-rank adjacent
+    pair, merge all its occurrences left to right, repeat."""
+    while len(ids) > 1:
+        ranked = [(tok._ranks[p], p) for p in itertools.pairwise(ids) if p in tok._ranks]
+        if not ranked:
+            break
+        rank, best = min(ranked)
+        out, i = [], 0
+        while i < len(ids):
+            if i + 1 < len(ids) and (ids[i], ids[i + 1]) == best:
+                out.append(tok._merged[rank])
+                i += 2
+            else:
+                out.append(ids[i])
+                i += 1
+        ids = out
+    return ids
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.text(st.sampled_from(list("ab é\n'sl😀")), min_size=1, max_size=300))
-def test_heap_merge_equals_loop_merge(ours, reference, text):
-    """The O(n log n) heap merge (long words) gives exactly what GPT-2's loop gives."""
+def test_scan_and_heap_merges_equal_gpt2_loop(ours, reference, text):
+    """Both merge paths (list scan for short words, heap for long ones) give GPT-2's result."""
     ids = [ours._byte_ids[b] for b in text.encode("utf-8")]
-    assert ours._bpe_heap(list(ids)) == ours._bpe_loop(list(ids))
+    expected = gpt2_merge_loop(ours, list(ids))
+    assert ours._bpe_scan(list(ids)) == expected
+    assert ours._bpe_heap(list(ids)) == expected
     assert ours.encode(text) == reference.encode(text)
 
 
