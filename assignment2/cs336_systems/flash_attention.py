@@ -156,9 +156,16 @@ def _check_triton_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> N
 
 
 def _as_4d(t: torch.Tensor) -> torch.Tensor:
-    """(B, T, D) -> (B, 1, T, D) view; the kernels also need the last dimension contiguous."""
+    """(B, T, D) -> (B, 1, T, D) view whose last dimension is contiguous (the kernels need that).
+
+    Other strides pass through as they are; a broadcast (stride-0) dimension stays broadcast, so
+    the all-stride-0 gradient of ``o.sum()`` becomes one contiguous row of D values, expanded.
+    """
     t = t.unsqueeze(1) if t.dim() == 3 else t
-    return t if t.stride(-1) == 1 else t.contiguous()
+    if t.stride(-1) == 1:
+        return t
+    rows = tuple(slice(0, 1) if s == 0 else slice(None) for s in t.stride()[:-1])
+    return t[(*rows, slice(None))].contiguous().expand(t.shape)
 
 
 class FlashAttentionTriton(torch.autograd.Function):
@@ -180,8 +187,7 @@ class FlashAttentionTriton(torch.autograd.Function):
         from cs336_systems import flash_kernels
 
         Q, K, V, O, L = ctx.saved_tensors
-        # dO may be non-contiguous or stride-0 (o.sum().backward()): _as_4d makes its last dim dense,
-        # every other stride is passed to the kernels as it is.
+        # dO may be non-contiguous or stride-0 (o.sum().backward()): see _as_4d
         dQ, dK, dV = flash_kernels.flash_bwd(
             _as_4d(Q), _as_4d(K), _as_4d(V), _as_4d(O), L.view(-1, Q.shape[-2]), _as_4d(dO), ctx.is_causal
         )
