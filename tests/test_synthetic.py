@@ -65,8 +65,11 @@ def test_check_equations_catches_a_wrong_sum():
 def test_files_and_r1_zero_rendering(tmp_path):
     info = write_corpus(tmp_path, scale=0.05, seed=0)
     corpus = open(info["corpus"], encoding="utf-8").read()
-    docs = corpus.split(EOT)
-    assert docs[-1] == "" and len(docs) - 1 == info["num_stories"] + info["num_pretrain_problems"]
+    valid = open(info["corpus_valid"], encoding="utf-8").read()
+    docs, vdocs = corpus.split(EOT), valid.split(EOT)
+    assert docs[-1] == vdocs[-1] == ""
+    assert len(docs) + len(vdocs) - 2 == info["num_stories"] + info["num_pretrain_problems"]
+    corpus += valid
     train = [json.loads(x) for x in open(info["sft_train"], encoding="utf-8")]
     test = [json.loads(x) for x in open(info["test"], encoding="utf-8")]
     assert len(test) == info["num_test_problems"] and len(train) == info["num_sft_problems"]
