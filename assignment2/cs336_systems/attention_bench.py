@@ -9,7 +9,8 @@ the row and the sweep goes on.
 - ``naive``: ``cs336_basics.model.scaled_dot_product_attention`` with a causal mask (the
   assignment-1 implementation, materializing the T x T scores);
 - ``compiled``: the same function through ``torch.compile``;
-- ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention(is_causal=True)``;
+- ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention(is_causal=True)`` on
+  ``(B, 1, T, D)`` (4-D, so that its fused kernels can run);
 - ``flash``: ``cs336_systems.flash_attention.flash_attn_mha``, when that module exists.
 
     cs336-systems attention-bench                                  # the full sweep, CUDA
@@ -57,7 +58,9 @@ def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    """PyTorch's fused attention. Its fused kernels take only 4-D ``(B, H, T, D)`` inputs (3-D ones
+    silently fall back to the math kernel, which materializes the T x T matrix), so add H = 1."""
+    return F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None], is_causal=True)[:, 0]
 
 
 def flash_available() -> bool:
@@ -171,8 +174,13 @@ def run_sweep(
     steps: int = 20,
     compile_backend: str = "inductor",
     log: Callable[[str], None] = lambda s: None,
+    on_row: Callable[[list[dict[str, Any]]], None] = lambda rows: None,
 ) -> list[dict[str, Any]]:
-    """Every impl x seq_len x head_dim; validation of every name happens before anything runs."""
+    """Every impl x seq_len x head_dim; validation of every name happens before anything runs.
+
+    ``log`` gets one line per row, ``on_row`` the rows so far after each one (the CLI saves them,
+    so a sweep cut short keeps what it measured).
+    """
     for name in impls:
         if name not in IMPLS:
             raise ValueError(f"unknown attention impl {name!r}; choose from {', '.join(IMPLS)}")
@@ -193,6 +201,7 @@ def run_sweep(
                     row["status"] = f"error: {type(exc).__name__}: {exc}".splitlines()[0][:200]
                     traceback.print_exc(file=sys.stderr)
                 rows.append(row)
+                on_row(rows)
                 seconds = time.perf_counter() - start
                 times = f"fwd {_cell(row, 'forward')} bwd {_cell(row, 'backward')} ms"
                 log(f"{name:>8} T={t:<6} d={d:<4} {row['status']}: {times} ({seconds:.1f} s)")
@@ -269,6 +278,13 @@ def cli_main(argv: list[str] | None = None) -> int:
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         print("error: CUDA is not available; use --device cpu", file=sys.stderr)
         return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = run_meta(args.device)
+
+    def save(rows: list[dict[str, Any]]) -> None:
+        payload = {"meta": meta, "rows": rows}
+        (args.out / "attention_bench.json").write_text(json.dumps(payload, indent=1) + "\n")
+
     try:
         rows = run_sweep(
             impls,
@@ -281,14 +297,11 @@ def cli_main(argv: list[str] | None = None) -> int:
             steps=args.steps,
             compile_backend=args.compile_backend,
             log=lambda s: print(s, file=sys.stderr, flush=True),
+            on_row=save,
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "attention_bench.json").write_text(
-        json.dumps({"meta": run_meta(args.device), "rows": rows}, indent=1) + "\n"
-    )
     plot_results(rows, args.out / "attention_bench.png")
     print(results_table(rows))
     print(f"\nwrote {args.out / 'attention_bench.json'} and {args.out / 'attention_bench.png'}")
