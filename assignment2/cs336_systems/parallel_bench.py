@@ -38,6 +38,7 @@ from cs336_systems.dist_utils import init_distributed, run_distributed
 
 # The course's model sizes (§1.1.2) plus a CPU-sized one.
 SIZES = {
+    "tiny": dict(d_model=64, num_layers=2, num_heads=4, d_ff=192),
     "cpu-small": dict(d_model=256, num_layers=4, num_heads=4, d_ff=1024),
     "small": dict(d_model=768, num_layers=12, num_heads=12, d_ff=3072),
     "medium": dict(d_model=1024, num_layers=24, num_heads=16, d_ff=4096),
