@@ -370,15 +370,15 @@ class RolloutEngine:
         self._gen += 1
 
     def _run_step(self, b: int, lb: int, params: SamplingParams, generator: torch.Generator) -> None:
-        if params.temperature > 0:
+        graph = None
+        if self.cuda_graphs:
+            graph = self._graphs.get((b, lb, params.temperature, params.top_p)) or self._capture(b, lb, params)
+        if params.temperature > 0:  # after any capture: its warm-up step overwrites the noise buffer
             self._noise[:b].exponential_(generator=generator)
-        if not self.cuda_graphs:
-            return self._step(b, lb, params)
-        key = (b, lb, params.temperature, params.top_p)
-        graph = self._graphs.get(key)
         if graph is None:
-            graph = self._capture(b, lb, params)
-        graph.replay()
+            self._step(b, lb, params)
+        else:
+            graph.replay()
 
     def _capture(self, b: int, lb: int, params: SamplingParams) -> torch.cuda.CUDAGraph:
         # Warm up on a side stream (cuBLAS picks its kernels), then restore the small state the
