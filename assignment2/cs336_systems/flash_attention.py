@@ -158,14 +158,13 @@ def _check_triton_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> N
 def _as_4d(t: torch.Tensor) -> torch.Tensor:
     """(B, T, D) -> (B, 1, T, D) view whose last dimension is contiguous (the kernels need that).
 
-    Other strides pass through as they are; a broadcast (stride-0) dimension stays broadcast, so
-    the all-stride-0 gradient of ``o.sum()`` becomes one contiguous row of D values, expanded.
+    Other strides pass through as they are. A tensor whose last dim is not contiguous is copied
+    whole, also the all-stride-0 gradient of ``o.sum()``: keeping its broadcast dims at stride 0
+    (one row of D values) made the leaderboard's backward 4.25 -> 4.82 ms on the H100, every
+    program reading the same 128 bytes (one L2 slice); the 33 MB copy costs ~20 us.
     """
     t = t.unsqueeze(1) if t.dim() == 3 else t
-    if t.stride(-1) == 1:
-        return t
-    rows = tuple(slice(0, 1) if s == 0 else slice(None) for s in t.stride()[:-1])
-    return t[(*rows, slice(None))].contiguous().expand(t.shape)
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 class FlashAttentionTriton(torch.autograd.Function):
