@@ -36,7 +36,7 @@ from tqdm import tqdm
 from cs336_basics.pretokenize import (
     PAT,
     InputError,
-    _check_encoding,
+    check_encoding,
     check_input_file,
     check_special_tokens,
     chunk_boundaries,
@@ -243,7 +243,7 @@ def train_bpe(
             f"{len(specials)} (special tokens) = {256 + len(specials)}"
         )
     path = check_input_file(input_path)
-    _check_encoding(encoding)
+    check_encoding(encoding)
     t0 = time.perf_counter()
     pretokens = count_pretokens(
         path,

@@ -6,8 +6,10 @@
   ``<|endoftext|><|endoftext|>`` wins over ``<|endoftext|>`` when both are special.
 - ``chunk_boundaries``: byte offsets that split a file into pieces which pre-tokenize exactly like
   the whole file, so worker processes can each take one piece (training and the ``tokenize`` CLI).
-- ``read_text`` / ``check_input_file``: the shared bad-input checks (missing, directory, empty,
-  undecodable) with one clear message each.
+- ``check_input_file`` / ``check_encoding`` / ``decode_bytes`` / ``check_special_tokens``: the
+  shared bad-input checks (missing, directory, empty, undecodable, unknown encoding, duplicate
+  special tokens), one clear message each.
+- ``safe_cut_regex``: where text may be cut without changing any pre-token (``encode_iterable``).
 """
 
 from __future__ import annotations
@@ -109,7 +111,8 @@ def check_input_file(path: str | os.PathLike) -> Path:
     return p
 
 
-def _check_encoding(encoding: str) -> str:
+def check_encoding(encoding: str) -> str:
+    """The codec's canonical name, or a clear error for an unknown encoding."""
     try:
         return codecs.lookup(encoding).name
     except LookupError:
@@ -128,13 +131,6 @@ def decode_bytes(data: bytes, encoding: str, path: str | os.PathLike, offset: in
             f"context {data[max(0, e.start - 20) : e.start + 10]!r}). If the file uses another "
             f"encoding, say so, e.g. --encoding latin-1 (Python: encoding='latin-1')."
         ) from None
-
-
-def read_text(path: str | os.PathLike, encoding: str = "utf-8") -> str:
-    """Read a whole text file with the checks of ``check_input_file`` and ``decode_bytes``."""
-    p = check_input_file(path)
-    _check_encoding(encoding)
-    return decode_bytes(p.read_bytes(), encoding, p)
 
 
 def _ascii_compatible(encoding: str) -> bool:

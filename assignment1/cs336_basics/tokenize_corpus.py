@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from cs336_basics.pretokenize import (
     InputError,
-    _check_encoding,
+    check_encoding,
     check_input_file,
     chunk_boundaries,
     iter_pieces,
@@ -67,7 +67,7 @@ def tokenize_file(
     (flat uint16/uint32 ids) and ``<out_path>.json``. Returns the sidecar dict."""
     tok = Tokenizer.from_dir(tokenizer_dir)
     path = check_input_file(input_path)
-    _check_encoding(encoding)
+    check_encoding(encoding)
     out = Path(out_path)
     if out.is_dir():
         raise InputError(f"output path is a directory: {out}")

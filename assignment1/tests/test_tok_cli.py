@@ -286,3 +286,13 @@ def test_encode_iterable_memory_is_bounded(tmp_path, shared_data):
     assert n > 10_000_000
     growth_mb = (peak[0] - base) / 2**20
     assert growth_mb < 40, f"RSS grew by {growth_mb:.1f} MB"
+
+
+def test_unknown_encoding(small_text, tok_dir, tmp_path, capsys):
+    with pytest.raises(InputError, match="unknown text encoding"):
+        train_bpe(small_text, 300, [EOT], encoding="no-such-codec", progress=False)
+    assert _train_cli(small_text, tmp_path / "o", "--encoding", "no-such-codec") == 2
+    assert "unknown text encoding" in capsys.readouterr().err
+    assert _tokenize_cli(tok_dir, small_text, tmp_path / "ids.bin", "--encoding", "nope") == 2
+    assert "unknown text encoding" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob("ids.bin*"))
