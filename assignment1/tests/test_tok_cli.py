@@ -184,6 +184,9 @@ def test_latin1_file_gives_clear_error_and_encoding_option_works(latin1, tok_dir
     assert _tokenize_cli(tok_dir, latin1, out_bin) == 2
     assert "--encoding" in capsys.readouterr().err
     assert not list(tmp_path.glob("ids.bin*"))
+    with pytest.raises(InputError, match="--encoding latin-1"):  # raised inside a worker
+        tokenize_file(tok_dir, latin1, out_bin, num_workers=2, chunk_bytes=50_000, progress=False)
+    assert not list(tmp_path.glob("ids.bin*"))
 
     # the way out the message offers
     assert _train_cli(latin1, out_dir, "--encoding", "latin-1") == 0
