@@ -28,7 +28,6 @@ import time
 
 import torch
 import torch.nn.functional as F
-
 from cs336_basics.config import PRESETS
 from cs336_basics.nn_utils import clip_grad_norm, cross_entropy
 from cs336_basics.optimizer import AdamW
@@ -42,13 +41,13 @@ def make_variant(name: str, cfg, device):
     impl, mode = name.split("-")
     torch.manual_seed(0)
     model = build_model(cfg.replace(model_impl="cs336" if impl == "ours" else "hf-llama"), device)
-    kw = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    kw = {"lr": 1e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
     if impl == "ours":
         opt = AdamW(model.parameters(), **kw)
         loss_fn, clip_fn = cross_entropy, clip_grad_norm
     else:
         opt = torch.optim.AdamW(model.parameters(), fused=True, **kw)
-        loss_fn = lambda logits, y: F.cross_entropy(logits.float().flatten(0, 1), y.flatten())  # noqa: E731
+        loss_fn = lambda logits, y: F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
         clip_fn = torch.nn.utils.clip_grad_norm_
     if mode == "compiled":  # model and loss, for both sides
         model, loss_fn = torch.compile(model), torch.compile(loss_fn)

@@ -15,6 +15,15 @@ from cs336_basics.model import TransformerLM
 from cs336_basics.optimizer import AdamW
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread is as fast and never fights other processes for cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _model_and_opt(seed=0, d_model=16):
     torch.manual_seed(seed)
     m = TransformerLM(30, 8, d_model, 1, 2, 32)

@@ -9,6 +9,15 @@ from cs336_basics.generate import cli_main, generate, load_model_from_checkpoint
 from cs336_basics.model import TransformerLM
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread is as fast and never fights other processes for cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _lm(**kw):
     torch.manual_seed(0)
     return TransformerLM(64, 48, 32, 2, 4, 64, **kw).eval()

@@ -9,7 +9,15 @@ import torch.nn.functional as F
 from cs336_basics import model as M
 from cs336_basics.hf_llama import to_hf_llama
 
-torch.set_grad_enabled(True)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread is as fast and never fights other processes for cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(autouse=True)

@@ -13,6 +13,15 @@ from cs336_basics.config import PRESETS, TrainConfig
 from cs336_basics.data import DataError
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread is as fast and never fights other processes for cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _tokens(path: Path, arr) -> str:
     arr = np.asarray(arr, dtype=np.uint16)
     arr.tofile(path)
