@@ -30,6 +30,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import sys
 import threading
 import time
@@ -240,8 +241,8 @@ def stage_sample(ckpt: Path, tok_dir: Path, device: str, seed: int) -> list[dict
     tok = Tokenizer.from_dir(tok_dir)
     model = load_model_from_checkpoint(ckpt, device)
     eos = tok.token_id(SPECIAL_TOKENS[0])
-    prompts = ["Once upon a time,", "One sunny day, Lily went to the", "Question: Tom has 4 apples. "
-               "He finds 3 more apples. How many apples does Tom have now?\nSolution:"]
+    prompts = ["Once upon a time,", "One sunny day, Lily went to the",
+               "Question: Tom has 4 apples. He finds 3 more apples. How many apples does Tom have now?\nSolution:"]
     g = torch.Generator(device=device).manual_seed(seed)
     out = []
     for p in tqdm(prompts, desc="sample", file=sys.stderr):
@@ -411,9 +412,9 @@ def write_report(out: Path, plan: Plan, results: dict, commands: dict[str, str],
         f"total wall time {results['wall_s']:.0f} s. Everything below was produced by "
         "`uv run cs336 quickstart " + " ".join(results["argv"]) + "`.", "",
         "## Held-out evaluation", "",
-        f"{ev['n']} held-out word problems (question strings never seen in pretraining, SFT or GRPO), "
-        "prompt `User: <question>\\nAssistant: <think>`, graded by `cs336_alignment.grading.r1_zero_reward_fn` "
-        "(answer reward = correct answer inside `</think> <answer>…</answer>`).", "",
+        (f"{ev['n']} held-out word problems (question strings never seen in pretraining, SFT or GRPO), "
+         "prompt `User: <question>\\nAssistant: <think>`, graded by `cs336_alignment.grading.r1_zero_reward_fn` "
+         "(answer reward = correct answer inside `</think> <answer>…</answer>`)."), "",
         "| model | accuracy (T=1) | format rate (T=1) | accuracy (greedy) | format rate (greedy) |",
         "|---|---|---|---|---|",
     ]
@@ -423,8 +424,8 @@ def write_report(out: Path, plan: Plan, results: dict, commands: dict[str, str],
             lines.append(f"| {label} | {r['sampled']['accuracy']:.3f} | {r['sampled']['format_rate']:.3f} | "
                          f"{r['greedy']['accuracy']:.3f} | {r['greedy']['format_rate']:.3f} |")
     d = results["grpo_minus_sft_accuracy"]
-    lines += ["", f"**GRPO vs SFT (T=1): {d:+.3f} accuracy** "
-              f"({'GRPO beats SFT' if d > 0 else 'GRPO did NOT beat SFT'}).", "",
+    verdict = "GRPO beats SFT" if d > 0 else "GRPO did NOT beat SFT"
+    lines += ["", f"**GRPO vs SFT (T=1): {d:+.3f} accuracy** ({verdict}).", "",
               "## Stages", "", "| stage | wall time (s) | result |", "|---|---|---|"]
     for name, st in results["stages"].items():
         lines.append(f"| {name} | {st['wall_s']:.1f} | {st.get('summary', '')} |")
@@ -436,18 +437,19 @@ def write_report(out: Path, plan: Plan, results: dict, commands: dict[str, str],
         lines += ["", f"{name.upper()} model on held-out problems (temperature 1):", ""]
         for e in eval_examples.get(name, [])[:4]:
             ok = "correct" if e.get("answer_reward") else "wrong"
-            lines += [f"- {e['prompt'].splitlines()[0].removeprefix('User: ')}  \n  → `{e['response'].strip()}` "
-                      f"(truth {e['answer']}, {ok})"]
+            question = e["prompt"].splitlines()[0].removeprefix("User: ")
+            lines += [f"- {question}  \n  → `{e['response'].strip()}` (truth {e['answer']}, {ok})"]
     lines += ["", "## Rerun each stage on its own", "",
-              "Each stage's full log is in `logs/`. The same stages as separate commands "
-              "(from the repository root):", "", "```bash"]
+              "Each stage's full log is in `logs/`. The same stages as separate commands (from the repository root):",
+              "", "```bash"]
     for name, c in commands.items():
         lines += [f"# {name}", c]
     lines += ["```", "", "## At full scale", "", "```bash",
               "uv run cs336 quickstart --device cuda --scale 8 --out runs/quickstart-gpu   # same pipeline, bigger",
               "uv run cs336 download tinystories gsm8k math qwen2.5-math-1.5b                 # real data (README)",
-              "```", "", "Then the README's sections: TinyStories, OpenWebText leaderboard, FlashAttention, "
-              "multi-GPU with torchrun, GRPO with Qwen2.5-Math-1.5B.", ""]
+              "```", "",
+              "Then the README's sections: TinyStories, OpenWebText leaderboard, FlashAttention, multi-GPU with "
+              "torchrun, GRPO with Qwen2.5-Math-1.5B.", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
@@ -469,6 +471,8 @@ def run(plan: Plan, out: Path, argv: list[str] | None = None) -> dict:
 
     t_all = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
+    for sub in ("data", "tokenizer", "tokens", "pretrain", "sft", "grpo", "eval", "logs"):  # a previous run's
+        shutil.rmtree(out / sub, ignore_errors=True)  # checkpoints must never be mistaken for this run's
     logs = out / "logs"
     torch.manual_seed(plan.seed)
     stages: dict[str, dict] = {}

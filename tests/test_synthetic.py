@@ -19,7 +19,7 @@ def _digest(folder):
 def test_same_seed_same_bytes_different_seed_differs(tmp_path):
     a = write_corpus(tmp_path / "a", scale=0.05, seed=3)
     b = write_corpus(tmp_path / "b", scale=0.05, seed=3)
-    c = write_corpus(tmp_path / "c", scale=0.05, seed=4)
+    write_corpus(tmp_path / "c", scale=0.05, seed=4)
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
     assert _digest(tmp_path / "a")["corpus.txt"] != _digest(tmp_path / "c")["corpus.txt"]
     assert a["corpus_bytes"] == b["corpus_bytes"] > 10_000
