@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -411,7 +412,7 @@ class RolloutEngine:
         if any(len(p) == 0 for p in ids):
             raise ValueError("empty prompt: every prompt needs at least one token")
         generator = torch.Generator(self.device)
-        generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+        generator.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
         rows = [(i, j) for i in range(len(ids)) for j in range(params.n)]
         results: list[list[Completion | None]] = [[None] * params.n for _ in ids]
         for start in range(0, len(rows), self.max_batch_size):
@@ -461,6 +462,7 @@ class RolloutEngine:
         out_lp = [[0.0] * params.max_new_tokens for _ in range(b)]
         finish = [None] * b
         stop_at = [params.max_new_tokens] * b  # tokens kept per row
+        by_string = set()  # rows ended by a stop string: their text is cut right after it
         fetched = 0
         for step in range(1, params.max_new_tokens + 1):
             last = step == params.max_new_tokens
@@ -473,13 +475,15 @@ class RolloutEngine:
                     if row < 0 or finish[row] is not None:
                         continue
                     out_tok[row][fetched:step], out_lp[row][fetched:step] = toks[slot], lps[slot]
+                    end = step  # tokens to look at: up to and including an EOS
                     if done[slot]:
-                        n = next(k for k in range(fetched, step) if out_tok[row][k] in self.eos_set)
-                        stop_at[row], finish[row] = n + 1, "stop"
-                    elif params.stop:
-                        hit = self._find_stop(out_tok[row], fetched, step, params)
-                        if hit is not None:
-                            stop_at[row], finish[row] = hit, "stop"
+                        end = next(k for k in range(fetched, step) if out_tok[row][k] in self.eos_set) + 1
+                    hit = self._find_stop(out_tok[row], fetched, end, params) if params.stop else None
+                    if hit is not None:
+                        stop_at[row], finish[row] = hit, "stop"
+                        by_string.add(row)
+                    elif done[slot]:
+                        stop_at[row], finish[row] = end, "stop"
                 fetched = step
                 live = [slot for slot, row in enumerate(owner) if row >= 0 and finish[row] is None]
                 if not live or last:
@@ -494,7 +498,7 @@ class RolloutEngine:
         for row in range(b):
             n = stop_at[row]
             ids_row, text = out_tok[row][:n], tok.decode(out_tok[row][:n], skip_special_tokens=True)
-            if finish[row] == "stop" and params.stop:
+            if row in by_string:
                 cut = [text.rfind(s) + len(s) for s in params.stop if s in text]  # ends in the last token
                 text = text[:max(cut)] if cut else text
             completions.append(Completion(text, ids_row, out_lp[row][:n], finish[row] or "length"))

@@ -148,7 +148,7 @@ def test_sampling_params_validation():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_graphs_match_eager_and_transformers(tok):
+def test_cuda_graphs_match_eager(tok):
     model = tiny_llama(len(tok), initializer_range=0.2, seed=0).cuda()
     graphs = RolloutEngine(Policy(model, tok), max_batch_size=8, check_every=3, len_bucket=8, cuda_graphs=True)
     eager = RolloutEngine(Policy(model, tok), max_batch_size=8, check_every=3, len_bucket=8, cuda_graphs=False)
