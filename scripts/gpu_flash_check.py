@@ -50,10 +50,7 @@ def run_case(layout, b, t, d, dtype_name, is_causal, grad="randn", config_idx=No
     from cs336_systems.flash_attention import FlashAttentionTriton
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-    fk.FORCE_CONFIG = {}
-    if config_idx is not None:
-        fk.FORCE_CONFIG = {name: fk._candidates(cfgs, d, dtype)[config_idx]
-                           for name, cfgs in (("fwd", fk.FWD_CONFIGS), ("dkdv", fk.DKDV_CONFIGS), ("dq", fk.DQ_CONFIGS))}
+    fk.force_candidate(config_idx, d, dtype)
     q, k, v = make(layout, b, t, d, dtype)
     o = FlashAttentionTriton.apply(q, k, v, is_causal)
     L = next(x for x in o.grad_fn.saved_tensors if x.shape == q.shape[:-1])
@@ -70,7 +67,7 @@ def run_case(layout, b, t, d, dtype_name, is_causal, grad="randn", config_idx=No
     case = {"layout": layout, "shape": list(q.shape), "dtype": dtype_name, "causal": is_causal, "grad": grad,
             "config": None if config_idx is None else {n: fk.config_name(c) for n, c in fk.FORCE_CONFIG.items()}}
     ok = not nan and max(errs.values()) < TOL[dtype_name]
-    fk.FORCE_CONFIG = {}
+    fk.force_candidate(None)
     return {**case, "rel_err": errs, "nan": nan, "ok": ok}
 
 

@@ -231,13 +231,7 @@ def _warm(task) -> str:
     from cs336_systems.flash_attention import FlashAttentionTriton
 
     dtype = DTYPES[dtype_name]
-    if cfg_idx is not None:
-        fk.FORCE_CONFIG = {
-            name: fk._candidates(cfgs, d, dtype)[min(cfg_idx, len(fk._candidates(cfgs, d, dtype)) - 1)]
-            for name, cfgs in (("fwd", fk.FWD_CONFIGS), ("dkdv", fk.DKDV_CONFIGS), ("dq", fk.DQ_CONFIGS))
-        }
-    else:
-        fk.FORCE_CONFIG = {}
+    fk.force_candidate(cfg_idx, d, dtype)
     t = time.time()
     if layout == "3d":  # (batch, T, D) with T a multiple of 16: the leaderboard's and sweep's specialization
         q, k, v = (torch.randn(2, 256, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))

@@ -388,9 +388,7 @@ def _interpreting() -> bool:
 
 
 def _prune(configs, named_args, **kwargs):
-    cands = _candidates(configs, named_args["HEAD_DIM"] if "HEAD_DIM" in named_args else kwargs["HEAD_DIM"],
-                        named_args["Q"].dtype)
-    return cands[:MAX_TUNED_CONFIGS]
+    return _candidates(configs, kwargs["HEAD_DIM"], named_args["Q"].dtype)[:MAX_TUNED_CONFIGS]
 
 
 _KEY = ["N_Q", "N_K", "HEAD_DIM", "IS_CAUSAL"]
@@ -402,7 +400,7 @@ POISON_OUTPUTS = False
 
 
 def _launcher(name: str, kernel, configs: list[triton.Config]):
-    """Returns ``launch(grid_fn, *args, HEAD_DIM=..., IS_CAUSAL=...)`` for one kernel.
+    """Returns ``launch(grid_fn, *args, HEAD_DIM=..., IS_CAUSAL=..., dtype=...)`` for one kernel.
 
     The autotuned wrapper is built lazily (never in the interpreter, whose launches cannot be timed).
     """
@@ -431,6 +429,15 @@ def _launcher(name: str, kernel, configs: list[triton.Config]):
 _launch_fwd = _launcher("fwd", _fwd_kernel, FWD_CONFIGS)
 _launch_dkdv = _launcher("dkdv", _bwd_dkdv, DKDV_CONFIGS)
 _launch_dq = _launcher("dq", _bwd_dq, DQ_CONFIGS)
+
+
+def force_candidate(index: int | None, head_dim: int = 0, dtype: torch.dtype | None = None) -> None:
+    """Run every kernel with its `index`-th candidate (clamped) for this head dim and dtype; None: stop forcing."""
+    FORCE_CONFIG.clear()
+    if index is not None:
+        for name, configs in (("fwd", FWD_CONFIGS), ("dkdv", DKDV_CONFIGS), ("dq", DQ_CONFIGS)):
+            cands = _candidates(configs, head_dim, dtype)
+            FORCE_CONFIG[name] = cands[min(index, len(cands) - 1)]
 
 
 def config_name(cfg: triton.Config) -> str:
