@@ -69,8 +69,7 @@ def grader(dataset: str, prompt: str) -> Callable[[Example, str], dict[str, Any]
         return grade_r1
 
     def grade_free(ex: Example, output: str) -> dict[str, Any]:
-        parsed = grading.extract_boxed(output) or grading.parse_gsm8k_response(output)
-        return {**grading.question_only_reward_fn(output, ex.answer), "parsed": parsed}
+        return {**grading.question_only_reward_fn(output, ex.answer), "parsed": grading.extract_final_answer(output)}
     return grade_free
 
 

@@ -104,13 +104,16 @@ def question_only_reward_fn(response: str, ground_truth: str) -> dict[str, float
 
     There is no required format, so ``format_reward`` is 1 when an answer could be extracted.
     """
-    answer = extract_boxed(response)
-    if answer is None:
-        answer = parse_gsm8k_response(response)
+    answer = extract_final_answer(response)
     if answer is None:
         return {"format_reward": 0.0, "answer_reward": 0.0, "reward": 0.0}
     correct = float(answers_equivalent(answer, ground_truth))
     return {"format_reward": 1.0, "answer_reward": correct, "reward": correct}
+
+
+def extract_final_answer(text: str) -> str | None:
+    """The answer of a free-form solution: the last non-empty ``\\boxed{}``, else the last number."""
+    return extract_boxed(text) or parse_gsm8k_response(text)
 
 
 def extract_boxed(text: str) -> str | None:
