@@ -76,7 +76,20 @@ def init_distributed(
     return rank, world_size, device
 
 
+def _die_with_parent() -> None:
+    """Linux: have the kernel kill this process when its parent dies (no orphaned ranks left
+    waiting in a collective if the launcher is killed)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _worker(fn, rank, world_size, port, backend, timeout_s, num_threads, args, results) -> None:
+    _die_with_parent()
     try:
         if num_threads:
             torch.set_num_threads(num_threads)  # 2 ranks on 2 cores: no oversubscription

@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from cs336_systems import ddp
+from cs336_systems import adapters, ddp
 from cs336_systems.dist_utils import run_distributed
 
 VOCAB, DIM, BATCH, STEPS = 13, 8, 8, 4
@@ -130,6 +130,8 @@ VARIANTS = [
     ("bucketed-0.0002", lambda m: ddp.DDPBucketed(m, bucket_size_mb=0.0002)),  # ~1 parameter per bucket
     ("bucketed-0.001", lambda m: ddp.DDPBucketed(m, bucket_size_mb=0.001)),
     ("bucketed-1", lambda m: ddp.DDPBucketed(m, bucket_size_mb=1)),
+    ("adapter-get_ddp", adapters.get_ddp),
+    ("adapter-individual", adapters.get_ddp_individual_parameters),
 ]
 
 
@@ -146,7 +148,7 @@ def test_ddp_variants_match_single_process():
 def test_ddp_parameter_used_by_one_rank_only():
     # The local batches are arranged so that only rank 0 uses `data_dependent`; naive, flat and
     # bucketed DDP average its gradient with rank 1's zeros (the bucket order keeps ranks in step).
-    variants = [v for v in VARIANTS if v[0] != "individual"]
+    variants = [v for v in VARIANTS if "individual" not in v[0]]
     results = run_distributed(_compare_variants, 2, variants, True)
     for rank_result in results:
         for name, value in rank_result.items():

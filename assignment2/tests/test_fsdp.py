@@ -75,9 +75,13 @@ def _job(rank: int, world_size: int) -> dict:
             ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.1)
             concat_opt = torch.optim.AdamW(concat.parameters(), lr=1e-2, weight_decay=0.1)
             worst_ref = worst_concat = 0.0
+            freed_after_forward = True
             for x in batches:
                 opt.zero_grad(set_to_none=True)
-                _loss(fsdp, x[rank * b : (rank + 1) * b]).backward()
+                loss = _loss(fsdp, x[rank * b : (rank + 1) * b])
+                # Between forward and backward no full parameter is resident (re-gathered in backward).
+                freed_after_forward &= all(h.buffer.untyped_storage().nbytes() == 0 for h in fsdp._handles.values())
+                loss.backward()
                 fsdp.finish_gradient_synchronization()
                 opt.step()
                 # Reference: per-slice gradients, pre-divided and summed in the gradient's own dtype
@@ -103,6 +107,7 @@ def _job(rank: int, world_size: int) -> dict:
                     worst_ref = max(worst_ref, (full[name] - q.detach()).abs().max().item())
                 for name, q in concat.named_parameters(remove_duplicate=False):
                     worst_concat = max(worst_concat, (full[name] - q.detach()).abs().max().item())
+            out[key + "/freed_after_forward"] = freed_after_forward
             out[key + "/vs_reference"] = worst_ref
             out[key + "/vs_concat"] = worst_concat
             # Each rank holds only its shard of each Linear/Embedding parameter.

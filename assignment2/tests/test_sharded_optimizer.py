@@ -57,6 +57,18 @@ def _job(rank: int, world_size: int) -> dict:
         for p in ref_opt.state
     )
 
+    # ... and a fresh ShardedOptimizer resumes from it: one more step equals the reference's.
+    resumed = ShardedOptimizer(body, torch.optim.AdamW, lr=1e-2, weight_decay=0.1)
+    resumed.add_param_group({"params": head, "lr": 3e-3})
+    resumed.load_state_dict(state)
+    x, y = data[0]
+    for m, o in ((model, resumed), (reference, ref_opt)):
+        o.zero_grad(set_to_none=True)
+        F.cross_entropy(m(x), y).backward()
+        o.step()
+    out["resumed_max_diff"] = max((p - q).abs().max().item() for p, q in zip(model.parameters(), reference.parameters()))
+    out["resumed_state_numel"] = resumed.local_state_numel()
+
     # 2. DDP + ZeRO-1 on per-rank halves vs single-process AdamW on the full batch.
     torch.manual_seed(1)
     model, reference = _model(), _model()
@@ -89,3 +101,4 @@ def test_zero1_matches_adamw_and_shards_state():
         assert r["state_numel"] == 2 * r["owned_numel"], r  # exp_avg + exp_avg_sq of owned params only
         assert r["owned_numel"] < 0.75 * total, r  # greedy balancing: no rank owns (nearly) all
         assert r["state_keys_owned"] and r["consolidated_matches"], r
+        assert r["resumed_max_diff"] < 1e-6 and r["resumed_state_numel"] == r["state_numel"], r
