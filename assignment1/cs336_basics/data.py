@@ -101,6 +101,8 @@ def eval_batches(
     _check_length(dataset, context_length)
     n_windows = (len(dataset) - 1) // context_length
     n_use = min(n_windows, max_batches * batch_size)
+    if n_use >= batch_size:  # full batches only: one shape, so a compiled model never recompiles for the tail
+        n_use -= n_use % batch_size
     starts = (np.linspace(0, n_windows - 1, n_use).astype(np.int64)) * context_length
     for i in range(0, n_use, batch_size):
         idx = starts[i:i + batch_size, None] + np.arange(context_length + 1)

@@ -44,6 +44,8 @@ def test_eval_batches_fixed_and_non_overlapping():
     assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again))
     starts = torch.cat([x[:, 0] for x, _ in batches]).tolist()
     assert starts == sorted(set(starts)) and all(s % 10 == 0 for s in starts)
+    assert [len(x) for x, _ in eval_batches(data, 8, 10, 100, "cpu")] == [8] * 12  # 100 windows: no ragged tail
+    assert [len(x) for x, _ in eval_batches(np.arange(31), 8, 10, 100, "cpu")] == [3]  # fewer than one batch
 
 
 def _write(path, arr):
