@@ -61,7 +61,7 @@ class Plan:
     num_layers: int = 4
     num_heads: int = 4
     d_ff: int = 384
-    pretrain_steps: int = 400
+    pretrain_steps: int = 300
     pretrain_batch: int = 32
     pretrain_lr: float = 3e-3
     sft_steps: int = 150
@@ -86,9 +86,9 @@ class Plan:
             vocab_size=1024 if scale <= 2 else 4096,
             d_model=d_model, num_heads=max(4, d_model // 32), d_ff=int(d_model * 8 / 3 / 32 + 0.5) * 32,
             num_layers=4 if scale <= 2 else 6,
-            pretrain_steps=steps(400, 60),
-            sft_steps=steps(150, 50), grpo_steps=steps(20, 12) if scale <= 1 else int(20 * grow),
-            eval_problems=min(500, steps(500, 200)),
+            pretrain_steps=steps(300, 60),
+            sft_steps=steps(150, 60), grpo_steps=20 if scale <= 1 else int(20 * grow),
+            eval_problems=500,
         )
 
 
@@ -328,7 +328,7 @@ def stage_grpo(plan: Plan, sft_policy_dir: Path, tok_dir: Path, train_file: Path
         n_grpo_steps=plan.grpo_steps, learning_rate=plan.grpo_lr, rollout_batch_size=rollout,
         group_size=plan.grpo_group, sampling_max_tokens=plan.max_new_tokens, eval_max_tokens=plan.max_new_tokens,
         train_batch_size=rollout, gradient_accumulation_steps=max(1, rollout // 64),
-        loss_type="reinforce_with_baseline", eval_every=max(1, plan.grpo_steps // 4), eval_examples=100,
+        loss_type="grpo_clip", epochs_per_rollout_batch=2, eval_every=max(1, plan.grpo_steps // 4), eval_examples=100,
         seed=plan.seed, device=plan.device, precision="fp32" if plan.device == "cpu" else "bf16-mixed",
         rollout_max_batch_size=512)
     from cs336_alignment.sft_data import qa_examples as read_qa
