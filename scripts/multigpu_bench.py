@@ -35,11 +35,10 @@ from pathlib import Path
 # Before torch / NCCL initialize: never use NVLink multicast on the shared machines.
 os.environ.update(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-from cs336_systems import collectives, parallel_bench  # noqa: E402
-from cs336_systems.dist_utils import init_distributed  # noqa: E402
+import torch
+import torch.distributed as dist
+from cs336_systems import collectives, parallel_bench
+from cs336_systems.dist_utils import init_distributed
 
 
 def _gather_rows(row: dict) -> list[dict]:

@@ -55,10 +55,10 @@ def init_distributed(
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if not dist.is_initialized():
-        rank = int(os.environ.get("RANK", 0)) if rank is None else rank
-        world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+        rank = int(os.environ.get("RANK", "0")) if rank is None else rank
+        world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
         addr = master_addr or os.environ.get("MASTER_ADDR", "127.0.0.1")
-        port = master_port or int(os.environ.get("MASTER_PORT", 29500))
+        port = master_port or int(os.environ.get("MASTER_PORT", "29500"))
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
         dist.init_process_group(

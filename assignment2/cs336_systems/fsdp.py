@@ -126,6 +126,7 @@ class FSDP(nn.Module):
         self.rank, self.world_size = dist.get_rank(process_group), dist.get_world_size(process_group)
         broadcast_module_(module, group=process_group)
         self.param_names = [name for name, _ in module.named_parameters(remove_duplicate=False)]
+        self.unique_param_names = [name for name, _ in module.named_parameters()]  # a plain optimizer's order
 
         self._handles: dict[int, _FlatShard] = {}  # id(original param) -> shard
         self._module_handles: dict[nn.Module, list[_FlatShard]] = {}
@@ -182,7 +183,7 @@ class FSDP(nn.Module):
             for h in self._module_handles[nxt]:
                 h.start_gather()
         if self.compute_dtype is not None:
-            cast = lambda t: t.to(self.compute_dtype) if torch.is_tensor(t) and t.is_floating_point() else t  # noqa: E731
+            cast = lambda t: t.to(self.compute_dtype) if torch.is_tensor(t) and t.is_floating_point() else t
             return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
         return None
 
@@ -192,7 +193,6 @@ class FSDP(nn.Module):
         if torch.is_tensor(output) and output.requires_grad:
             needs_params = not (isinstance(mod, nn.Embedding) or type(mod).__name__ == "Embedding")
             output.register_hook(lambda grad: self._pre_backward(mod, needs_params))
-        return None
 
     def _pre_backward(self, mod: nn.Module, needs_params: bool) -> None:
         if needs_params:
@@ -245,6 +245,55 @@ class FSDP(nn.Module):
             name: full[id(self._full_names[name])] if name in self._full_names else replicated[name].detach().clone()
             for name in self.param_names
         }
+
+    def _plain_order(self) -> list[tuple[torch.Tensor, _FlatShard | None]]:
+        """(parameter the optimizer sees, its shard handle or None) in the plain module's order."""
+        replicated = dict(self.module.named_parameters(remove_duplicate=False))
+        return [(self._full_names[n].shard, self._full_names[n]) if n in self._full_names else (replicated[n], None)
+                for n in self.unique_param_names]
+
+    @torch.no_grad()
+    def full_optim_state_dict(self, optimizer: torch.optim.Optimizer) -> dict:
+        """The state of ``optimizer`` (built over this wrapper's parameters, one param group) in the
+        format the same optimizer class has over the plain module's parameters: shard-shaped state
+        tensors are all-gathered to full shape. Collective: call on every rank."""
+        if len(optimizer.param_groups) != 1:
+            raise ValueError("full_optim_state_dict supports one parameter group")
+        state = {}
+        for i, (q, h) in enumerate(self._plain_order()):
+            entry = {}
+            for k, v in optimizer.state.get(q, {}).items():
+                if h is not None and torch.is_tensor(v) and v.shape == h.shard.shape:
+                    out = torch.empty(h.chunk * self.world_size, dtype=v.dtype, device=v.device)
+                    all_gather_into_tensor(out, v.contiguous(), group=self.process_group)
+                    v = out[: h.numel].view(h.shape)
+                entry[k] = v.clone() if torch.is_tensor(v) else v
+            if entry:
+                state[i] = entry
+        group = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
+        return {"state": state, "param_groups": [group | {"params": list(range(len(self.unique_param_names)))}]}
+
+    @torch.no_grad()
+    def shard_optim_state_dict(self, optimizer: torch.optim.Optimizer, full: dict) -> dict:
+        """Inverse of `full_optim_state_dict`: this rank's slice, in ``optimizer``'s own format."""
+        own = torch.optim.Optimizer.state_dict(optimizer)
+        index = {id(p): j for j, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+        saved = {int(k): v for k, v in full["state"].items()}
+        state = {}
+        for i, (q, h) in enumerate(self._plain_order()):
+            if i not in saved:
+                continue
+            entry = {}
+            for k, v in saved[i].items():
+                if h is not None and torch.is_tensor(v) and tuple(v.shape) == tuple(h.shape):
+                    padded = torch.zeros(h.chunk * self.world_size, dtype=v.dtype, device=h.shard.device)
+                    padded[: h.numel] = v.reshape(-1)
+                    v = padded[self.rank * h.chunk : (self.rank + 1) * h.chunk]
+                entry[k] = v.clone() if torch.is_tensor(v) else v
+            state[index[id(q)]] = entry
+        own["state"] = state
+        own["param_groups"][0].update({k: v for k, v in full["param_groups"][0].items() if k != "params"})
+        return own
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The wrapped module's ``state_dict()`` with full parameters (loads into the plain module).

@@ -13,7 +13,9 @@ async all-reduce) / ``ddp-bucketed`` (`cs336_systems.ddp`), ``zero1`` (bucketed 
 
 Every rank samples the same global batch and trains on its slice (train.py does this); only rank 0
 logs and writes files; checkpoints hold the full, unsharded model under the plain module's names
-(and, for zero1, the consolidated optimizer state), so single-process runs load them. The process
+(and, for zero1 and fsdp, the consolidated optimizer state in the plain AdamW format), so
+single-process runs load and resume them. torch-fsdp2 checkpoints hold the full model but rank 0's
+sharded optimizer state: they load for evaluation / fine-tuning, not for an exact resume. The process
 group's timeout (``--dist-timeout``, seconds) bounds every collective: a rank that crashed or hangs
 makes the others fail with a timeout / connection error instead of waiting forever (under torchrun,
 a crashed worker also makes torchrun stop the rest).
@@ -35,6 +37,29 @@ from cs336_systems.dist_utils import DEFAULT_TIMEOUT_S, find_free_port, init_dis
 
 MODES = ("none", "ddp-naive", "ddp-flat", "ddp-overlap", "ddp-bucketed", "zero1", "fsdp", "torch-ddp", "torch-fsdp2")
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _full_state_adamw(fsdp_model: fsdp.FSDP, **adamw_kwargs) -> torch.optim.Optimizer:
+    """Our AdamW over FSDP's shards whose ``state_dict`` / ``load_state_dict`` speak the unsharded
+    format (consolidated by `ParallelStrategy.model_state_dict`), so fsdp checkpoints resume in any
+    mode, single-process included."""
+    from cs336_basics.optimizer import AdamW
+
+    class FullStateAdamW(AdamW):
+        consolidated: dict | None = None
+
+        def consolidate_state_dict(self) -> None:
+            self.consolidated = fsdp_model.full_optim_state_dict(self)
+
+        def state_dict(self) -> dict:
+            if self.consolidated is None:
+                raise RuntimeError("call consolidate_state_dict() on every rank before state_dict()")
+            return self.consolidated
+
+        def load_state_dict(self, state_dict: dict) -> None:
+            super().load_state_dict(fsdp_model.shard_optim_state_dict(self, state_dict))
+
+    return FullStateAdamW(fsdp_model.parameters(), **adamw_kwargs)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -95,6 +120,8 @@ class ParallelStrategy:
 
         if self.mode == "zero1":
             self._optimizer = sharded_optimizer.ShardedOptimizer(model.parameters(), AdamW, **adamw_kwargs)
+        elif self.mode == "fsdp":
+            self._optimizer = _full_state_adamw(model, **adamw_kwargs)
         else:
             self._optimizer = AdamW(model.parameters(), **adamw_kwargs)
         return self._optimizer
@@ -137,9 +164,9 @@ class ParallelStrategy:
     # -- checkpoints and logging -------------------------------------------------------------------
     def model_state_dict(self, model: nn.Module) -> dict:
         """Full state dict under the plain TransformerLM's names. Collective: call on every rank.
-        For zero1 it also consolidates the optimizer state, so rank 0's ``optimizer.state_dict()``
-        (called next by train.py's checkpoint) returns the unsharded-format state."""
-        if isinstance(self._optimizer, sharded_optimizer.ShardedOptimizer):
+        For zero1 / fsdp it also consolidates the optimizer state, so rank 0's
+        ``optimizer.state_dict()`` (called next by train.py's checkpoint) returns the unsharded-format state."""
+        if hasattr(self._optimizer, "consolidate_state_dict"):  # zero1, fsdp
             self._optimizer.consolidate_state_dict()
         if self.mode == "fsdp":
             return model.full_state_dict()

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import time
@@ -80,6 +81,7 @@ def bench_mode(rank: int, world_size: int, mode: str, args: dict) -> dict:
     """One mode on an initialized process group; returns this rank's measurements."""
     from cs336_basics.model import TransformerLM
     from cs336_basics.nn_utils import cross_entropy
+
     from cs336_systems.parallel import DTYPES, ParallelStrategy
 
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
@@ -190,8 +192,8 @@ def format_table(rows: list[dict]) -> str:
              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         wait = r["comm_wait_s"]
-        wait_s = "n/a" if wait != wait else f"{1e3 * wait:.1f}"
-        share = "n/a" if wait != wait else f"{100 * wait / r['step_s']:.0f}%"
+        wait_s = "n/a" if math.isnan(wait) else f"{1e3 * wait:.1f}"
+        share = "n/a" if math.isnan(wait) else f"{100 * wait / r['step_s']:.0f}%"
         bucket = f"{r['bucket_size_mb']:g}" if r["mode"] in ("ddp-bucketed", "zero1", "torch-ddp") else "-"
         mem = max(r["peak_mem_bytes_per_rank"]) / 2**20
         pred = f"{r['predicted_bytes'] / 2**20:.0f}" if r.get("predicted_bytes") else "-"
@@ -228,7 +230,7 @@ def cli_main(argv: list[str] | None = None) -> int:
     # Activation memory for the prediction: single process, same local batch, no optimizer state.
     act = run_plan([("none", 0.0)], {**job, "no_optimizer": True}, 1, backend)[0]
     rows = run_plan(plan, job, args.world_size, backend)
-    rank = int(os.environ.get("RANK", 0))
+    rank = int(os.environ.get("RANK", "0"))
     if rank != 0:
         return 0
     from cs336_basics.model import TransformerLM

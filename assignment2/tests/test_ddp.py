@@ -15,10 +15,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
-
 from cs336_systems import adapters, ddp
 from cs336_systems.dist_utils import run_distributed
+from torch import nn
 
 VOCAB, DIM, BATCH, STEPS = 13, 8, 8, 4
 

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from cs336_systems.dist_utils import run_distributed
 from cs336_systems.fsdp import FSDP
+from torch import nn
 
 VOCAB, DIM = 11, 12
 
@@ -120,6 +119,16 @@ def _job(rank: int, world_size: int) -> dict:
             out[key + "/unused_grad_none"] = all(
                 h.shard.grad is None for pid, h in fsdp._handles.items() if h.shape == (DIM, DIM) and h is fsdp._module_handles[model.unused][0]
             )
+            # Optimizer state: full (unsharded) format and back to this rank's shards, unchanged.
+            full_opt = fsdp.full_optim_state_dict(opt)
+            again = torch.optim.AdamW(fsdp.parameters(), lr=1e-2, weight_decay=0.1)
+            again.load_state_dict(fsdp.shard_optim_state_dict(again, full_opt))
+            out[key + "/optim_roundtrip"] = all(
+                torch.equal(again.state[p][k], opt.state[p][k]) for p in opt.state for k in ("exp_avg", "exp_avg_sq"))
+            ref_names = [n for n, _ in reference.named_parameters()]
+            out[key + "/optim_full_matches"] = all(
+                torch.allclose(full_opt["state"][i]["exp_avg"], ref_opt.state[q]["exp_avg"], atol=1e-6 if compute_dtype is None else 1e-3)
+                for i, (n, q) in enumerate(zip(ref_names, reference.parameters())) if q in ref_opt.state)
             # The full state dict loads into a plain module and gives the same outputs.
             plain = TinyLM(tied)
             plain.load_state_dict(fsdp.full_state_dict())

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from cs336_basics.checkpoint import read_checkpoint
 from cs336_basics.config import PRESETS
 from cs336_basics.train import build_model, train
@@ -61,6 +60,7 @@ def _train_all_modes(rank: int, world_size: int, cfg, modes) -> dict:
 
 def test_every_parallel_mode_matches_single_process(tiny_cfg, single_run):
     single, ref_state = single_run
+    single_opt_state = read_checkpoint(Path(tiny_cfg.out_dir) / "checkpoint.pt")["optimizer"]
     results = run_distributed(_train_all_modes, 2, tiny_cfg, PARALLEL_MODES, timeout_s=300)
     assert results[0] == results[1]  # every rank reports the same global losses
     for mode, (train_loss, val_loss) in results[0].items():
@@ -72,12 +72,17 @@ def test_every_parallel_mode_matches_single_process(tiny_cfg, single_run):
         model.load_state_dict(ckpt["model"])
         worst = max((ckpt["model"][k].float() - v.float()).abs().max().item() for k, v in ref_state.items())
         assert worst < 1e-4, (mode, worst)
-        if mode == "zero1":  # consolidated optimizer state in the single-process AdamW format
+        if mode in ("zero1", "fsdp"):  # consolidated optimizer state in the single-process AdamW format
             from cs336_basics.optimizer import AdamW
 
             opt = AdamW(model.parameters())
-            opt.load_state_dict(ckpt["optimizer"])
-            assert len(opt.state) == len(list(model.parameters()))
+            opt.load_state_dict(ckpt["optimizer"])  # train.py's resume path
+            ref_opt = single_opt_state["state"]
+            assert set(ckpt["optimizer"]["state"]) == set(ref_opt), mode
+            for i, entry in ckpt["optimizer"]["state"].items():
+                assert entry["step"] == ref_opt[i]["step"]
+                for key in ("exp_avg", "exp_avg_sq"):
+                    assert torch.allclose(entry[key], ref_opt[i][key], rtol=1e-3, atol=1e-7), (mode, i, key)
 
 
 def test_torchrun_entry_point(tiny_cfg, single_run, tmp_path):

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from cs336_systems import ddp
 from cs336_systems.dist_utils import run_distributed
 from cs336_systems.sharded_optimizer import ShardedOptimizer
+from torch import nn
 
 
 def _model() -> nn.Module:
