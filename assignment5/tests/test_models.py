@@ -1,6 +1,5 @@
 """The policy loader: HF directories, cs336_basics checkpoints, GGUF (opt-in: slow on CPU)."""
 
-import os
 
 import pytest
 import torch
@@ -53,7 +52,6 @@ def test_missing_model_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("CS336_RUN_SLOW"), reason="GGUF dequantization takes ~1 min on CPU; CS336_RUN_SLOW=1")
 def test_gguf_smollm2_loads_dense_with_chat_template():
     pytest.importorskip("gguf")
     from cs336_basics.paths import shared_models_dir
