@@ -1,5 +1,4 @@
-"""The policy loader: HF directories, cs336_basics checkpoints, GGUF (opt-in: slow on CPU)."""
-
+"""The policy loader: HF directories, cs336_basics checkpoints, the SmolLM2 GGUF (~1 min of CPU to dequantize)."""
 
 import pytest
 import torch
