@@ -48,7 +48,9 @@ def compute_entropy(logits: Tensor) -> Tensor:
 
 def model_logits(model: torch.nn.Module, input_ids: Tensor) -> Tensor:
     """Logits ``(B, T, V)`` of a HF causal LM (output ``.logits``) or of a plain module returning them."""
-    out = model(input_ids)
+    # a HF model would otherwise build a KV cache that a training forward never reads
+    kwargs = {"use_cache": False} if getattr(getattr(model, "config", None), "use_cache", False) else {}
+    out = model(input_ids, **kwargs)
     return out.logits if hasattr(out, "logits") else out
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-
+import torch
 from cs336_alignment import toy_task
 from cs336_alignment.grpo import GRPOConfig, cli_main, train_grpo
 from cs336_alignment.train_utils import parse_config, read_log
@@ -41,9 +41,9 @@ def test_grpo_learns_toy_task(tmp_path):
     assert (tmp_path / "grpo" / "checkpoints").is_dir()
 
 
-@pytest.mark.parametrize("loss_type", ["no_baseline", "grpo_no_clip"])
-def test_grpo_off_policy_variants_run_and_resume(tmp_path, loss_type):
+def test_grpo_off_policy_variant_runs_and_resumes(tmp_path):
     """Off-policy epochs with old log-probs, Dr. GRPO normalization, checkpoint and resume."""
+    loss_type = "grpo_no_clip"
     kw = dict(n_grpo_steps=2, epochs_per_rollout_batch=2, train_batch_size=32, gradient_accumulation_steps=2,
               loss_type=loss_type, use_std_normalization=False, length_normalization="masked_normalize",
               sampling_max_tokens=3, checkpoint_every=1, eval_examples=0)
@@ -71,3 +71,33 @@ def test_grpo_cli_maps_onto_config():
         GRPOConfig(model="m", rollout_batch_size=10, group_size=4)
     with pytest.raises(SystemExit):
         cli_main(["--loss_type", "grpo_clip"])  # --model is required
+
+
+def test_programs_run_on_a_cs336_basics_model(tmp_path):
+    """A from-scratch cs336_basics TransformerLM + our own byte-level Tokenizer, loaded from a checkpoint by
+    ``load_policy``: GRPO trains, checkpoints and resumes it; SFT trains it."""
+    from cs336_alignment.models import BasicsTokenizer, Policy
+    from cs336_alignment.sft import SFTConfig, train_sft
+    from cs336_basics.model import TransformerLM
+    from cs336_basics.tokenizer import Tokenizer
+
+    vocab = {i: bytes([i]) for i in range(256)} | {256: b"<|endoftext|>"}
+    tokenizer = BasicsTokenizer(Tokenizer(vocab, [], special_tokens=["<|endoftext|>"]))
+    torch.manual_seed(0)
+    model = TransformerLM(257, context_length=128, d_model=32, num_layers=2, num_heads=4, d_ff=64)
+    Policy(model, tokenizer, "basics").save(tmp_path / "base")
+    spec = str(tmp_path / "base" / "model.pt")
+
+    args = dict(reward_fn=toy_task.digit_reward, train_examples=toy_task.digit_examples(8),
+                eval_examples=toy_task.digit_examples(4), quiet=True)
+    kw = dict(model=spec, n_grpo_steps=2, checkpoint_every=1, sampling_max_tokens=3, rollout_batch_size=16,
+              group_size=4, train_batch_size=16, loss_type="no_baseline")
+    train_grpo(_cfg(tmp_path, **kw), **args)
+    train_grpo(_cfg(tmp_path, **{**kw, "n_grpo_steps": 3, "resume": True}), **args)
+    assert [r["step"] for r in read_log(tmp_path / "grpo" / "log.jsonl", "train")] == [1, 2, 3]
+
+    rows = tmp_path / "sft.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"Q{i}:", "response": " 7"}) + "\n" for i in range(8)))
+    final = train_sft(SFTConfig(model=spec, out_dir=str(tmp_path / "sft"), train_data=str(rows), batch_size=4,
+                                gradient_accumulation_steps=2, eval_data="none", device="cpu"), quiet=True)
+    assert final["train_examples"] == 8 and final["loss"] > 0
