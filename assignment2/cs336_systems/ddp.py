@@ -196,10 +196,13 @@ class DDPBucketed(_DDPBase):
             b.reset()
 
     def _launch(self, bucket: _Bucket) -> None:
-        grads = bucket.ready
+        grads, like = bucket.ready, bucket.params[0]
+        if all(g is not None for g in grads):  # the common case: no host-to-device copy
+            flags = torch.ones(len(grads), dtype=like.dtype, device=like.device)
+        else:
+            flags = torch.tensor([float(g is not None) for g in grads], dtype=like.dtype, device=like.device)
         bucket.flat = _flatten_dense_tensors(
-            [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, bucket.params)]
-            + [torch.tensor([float(g is not None) for g in grads], dtype=bucket.params[0].dtype, device=bucket.params[0].device)]
+            [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, bucket.params)] + [flags]
         )
         bucket.flat[: bucket.flat.numel() - len(grads)].div_(self.world_size)
         bucket.work = dist.all_reduce(bucket.flat, group=self.process_group, async_op=True)
@@ -230,11 +233,13 @@ class DDPBucketed(_DDPBase):
         self._stale_works.clear()
         for bucket in self.buckets:
             bucket.work.wait()
-            n = len(bucket.params)
-            used = bucket.flat[bucket.flat.numel() - n :].tolist()
+        # All used-flags in one host transfer (one GPU sync, not one per bucket).
+        flags = torch.cat([b.flat[b.flat.numel() - len(b.params) :] for b in self.buckets]).tolist() if self.buckets else []
+        k = 0
+        for bucket in self.buckets:
             offset = 0
-            for p, u in zip(bucket.params, used):
-                if u > 0:
+            for p in bucket.params:
+                if flags[k] > 0:
                     synced = bucket.flat[offset : offset + p.numel()].view_as(p)
                     if p.grad is None:
                         p.grad = synced.clone()
@@ -243,6 +248,7 @@ class DDPBucketed(_DDPBase):
                 else:
                     p.grad = None
                 offset += p.numel()
+                k += 1
             bucket.reset()
         self.comm_wait_s = time.perf_counter() - t0
 

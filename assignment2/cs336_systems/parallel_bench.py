@@ -6,8 +6,9 @@ of `cs336_systems.parallel` on the cs336_basics TransformerLM (CS336 assignment 
         --modes ddp-naive ddp-flat ddp-overlap ddp-bucketed torch-ddp --bucket-sizes 1 10 100 1000
 
 Per mode (and bucket size): median step time over ``--steps`` after ``--warmup`` steps, the median
-time ``finish_gradient_synchronization()`` blocked on communication (our wrappers; for the naive and
-flat variants that is all communication, for overlapped ones only what backward did not hide;
+time ``finish_gradient_synchronization()`` blocked on communication (our wrappers; on GPUs the CUDA-event
+time from the end of backward's kernels to synced gradients; for the naive and flat variants that is
+all communication, for overlapped ones only what backward did not hide;
 ``torch-ddp`` and ``torch-fsdp2`` synchronize inside backward, so n/a), and the peak memory of a
 rank: CUDA ``max_memory_allocated``; on CPU the peak resident set (VmHWM) minus the resident set
 before the model was built, each (mode, bucket) in a fresh process so freed memory is not reused.
@@ -127,8 +128,14 @@ def bench_mode(rank: int, world_size: int, mode: str, args: dict) -> dict:
         with autocast:
             loss = cross_entropy(model(x[:, :-1]), x[:, 1:])
         loss.backward()
+        if cuda:  # NCCL's wait() is a stream dependency: time it on the GPU, not the host
+            ev_backward = torch.cuda.Event(enable_timing=True)
+            ev_synced = torch.cuda.Event(enable_timing=True)
+            ev_backward.record()
         if strategy is not None:
             strategy.after_backward(model, optimizer)
+        if cuda:
+            ev_synced.record()
         if optimizer is not None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -138,7 +145,10 @@ def bench_mode(rank: int, world_size: int, mode: str, args: dict) -> dict:
             torch.cuda.synchronize(device)
         if step >= args["warmup"]:
             times.append(time.perf_counter() - t0)
-            waits.append(getattr(model, "comm_wait_s", float("nan")))
+            wait = getattr(model, "comm_wait_s", float("nan"))
+            if cuda and not math.isnan(wait):
+                wait = ev_backward.elapsed_time(ev_synced) / 1e3  # backward compute done -> gradients synced
+            waits.append(wait)
     if cuda:
         peak = torch.cuda.max_memory_allocated(device) - base
     else:
