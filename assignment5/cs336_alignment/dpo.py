@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -37,6 +37,7 @@ from cs336_alignment.train_utils import (
     param_dtype,
     parse_config,
     plot_log,
+    print_summary,
     required,
     resolve_device,
     save_checkpoint,
@@ -208,6 +209,5 @@ def validate(policy: Policy, val: list[dict[str, str]], ref_val: torch.Tensor, c
 def cli_main(argv: list[str] | None = None) -> int:
     cfg = parse_config(DPOConfig, argv, "Direct preference optimization on preference pairs.")
     final = train_dpo(cfg)
-    print({k: round(v, 4) if isinstance(v, float) else v for k, v in final.items()})
-    print(f"config: {asdict(cfg)}")
+    print_summary(final, cfg)
     return 0

@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,6 +35,7 @@ from cs336_alignment.train_utils import (
     param_dtype,
     parse_config,
     plot_log,
+    print_summary,
     prompt_token_ids,
     required,
     resolve_device,
@@ -89,9 +90,9 @@ class EIConfig:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "smollm2-gsm8k": dict(n_ei_steps=5, questions_per_step=1024, rollouts_per_question=4, sft_epochs=1,
-                          batch_size=64, gradient_accumulation_steps=4, learning_rate=2e-5,
-                          sampling_max_tokens=512, eval_max_tokens=512, eval_examples=0),
+    "smollm2-gsm8k": {"n_ei_steps": 5, "questions_per_step": 1024, "rollouts_per_question": 4, "sft_epochs": 1,
+                          "batch_size": 64, "gradient_accumulation_steps": 4, "learning_rate": 2e-5,
+                          "sampling_max_tokens": 512, "eval_max_tokens": 512, "eval_examples": 0},
 }
 
 
@@ -194,6 +195,5 @@ def train_expert_iteration(
 def cli_main(argv: list[str] | None = None) -> int:
     cfg = parse_config(EIConfig, argv, "Expert iteration: sample, keep the correct responses, SFT, repeat.", PRESETS)
     final = train_expert_iteration(cfg)
-    print({k: round(v, 4) if isinstance(v, float) else v for k, v in final.items()})
-    print(f"config: {asdict(cfg)}")
+    print_summary(final, cfg)
     return 0

@@ -20,7 +20,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -45,6 +45,7 @@ from cs336_alignment.train_utils import (
     param_dtype,
     parse_config,
     plot_log,
+    print_summary,
     prompt_token_ids,
     required,
     resolve_device,
@@ -82,9 +83,11 @@ class GRPOConfig:
     epochs_per_rollout_batch: int = field(1, "passes over each rollout batch (>1: off-policy)")
     train_batch_size: int = field(256, "responses per optimizer step")
     gradient_accumulation_steps: int = field(128, "micro-batches per optimizer step")
-    loss_type: LossType = field("reinforce_with_baseline", "no_baseline | reinforce_with_baseline | grpo_clip | grpo_no_clip")
+    loss_type: LossType = field(  # noqa: RUF009  (field() is dataclasses.field with a help text)
+        "reinforce_with_baseline", "no_baseline | reinforce_with_baseline | grpo_clip | grpo_no_clip")
     use_std_normalization: bool = field(True, "divide advantages by the group std (off: Dr. GRPO)")
-    length_normalization: LengthNormalization = field("masked_mean", "masked_mean (per response) | masked_normalize (Dr. GRPO)")
+    length_normalization: LengthNormalization = field(  # noqa: RUF009
+        "masked_mean", "masked_mean (per response) | masked_normalize (Dr. GRPO)")
     normalize_constant: float | None = field(None, "masked_normalize divisor (default: sampling_max_tokens)")
     cliprange: float = field(0.2, "GRPO-Clip epsilon")
     max_grad_norm: float = field(1.0, "gradient clipping (<= 0: off)")
@@ -123,10 +126,10 @@ class GRPOConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     # The course's defaults (Qwen2.5-Math-1.5B, MATH) are the dataclass defaults.
     # SmolLM2-135M on GSM8K within ~30 min of H100 time (see scripts/rl_recipe.sh).
-    "smollm2-gsm8k": dict(n_grpo_steps=100, rollout_batch_size=256, group_size=8, train_batch_size=256,
-                          gradient_accumulation_steps=16, sampling_max_tokens=512, eval_max_tokens=512,
-                          learning_rate=2e-5, loss_type="grpo_clip", epochs_per_rollout_batch=2, eval_every=20,
-                          eval_examples=0),
+    "smollm2-gsm8k": {"n_grpo_steps": 100, "rollout_batch_size": 256, "group_size": 8, "train_batch_size": 256,
+                          "gradient_accumulation_steps": 16, "sampling_max_tokens": 512, "eval_max_tokens": 512,
+                          "learning_rate": 2e-5, "loss_type": "grpo_clip", "epochs_per_rollout_batch": 2, "eval_every": 20,
+                          "eval_examples": 0},
 }
 
 
@@ -203,7 +206,6 @@ def train_grpo(
         # ---- training on the rollout batch (the sampled token ids, not a re-tokenization of the text)
         batch = pack_prompt_and_output_ids([p for p in prompt_ids for _ in range(cfg.group_size)],
                                            [c.token_ids for c in completions], pad_id)
-        batch["advantages"], batch["raw_rewards"] = advantages[:, None], raw_rewards[:, None]
         policy.model.train()
         old_log_probs = None
         if cfg.loss_type in ("grpo_clip", "grpo_no_clip") and cfg.off_policy:
@@ -224,7 +226,7 @@ def train_grpo(
                     old = logp.detach() if old_log_probs is None else old_log_probs[rows, : logp.shape[1]].to(device)
                     loss, meta = losses.grpo_microbatch_train_step(
                         logp, mb["response_mask"], cfg.gradient_accumulation_steps, cfg.loss_type,
-                        raw_rewards=batch["raw_rewards"][rows].to(device), advantages=batch["advantages"][rows].to(device),
+                        raw_rewards=raw_rewards[rows, None].to(device), advantages=advantages[rows, None].to(device),
                         old_log_probs=old, cliprange=cfg.cliprange,
                         length_normalization=cfg.length_normalization, normalize_constant=normalize_constant)
                     sums["loss"] += float(loss)
@@ -282,6 +284,5 @@ def _plots(log: RunLog) -> None:
 def cli_main(argv: list[str] | None = None) -> int:
     cfg = parse_config(GRPOConfig, argv, "GRPO / policy-gradient training with the rollout engine.", PRESETS)
     final = train_grpo(cfg)
-    print({k: round(v, 4) if isinstance(v, float) else v for k, v in final.items()})
-    print(f"config: {asdict(cfg)}")
+    print_summary(final, cfg)
     return 0

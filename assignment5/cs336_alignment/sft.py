@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -50,6 +50,7 @@ from cs336_alignment.train_utils import (
     param_dtype,
     parse_config,
     plot_log,
+    print_summary,
     required,
     resolve_device,
     save_checkpoint,
@@ -105,8 +106,8 @@ class SFTConfig:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "smollm2-gsm8k": dict(train_data="gsm8k", epochs=2, batch_size=64, gradient_accumulation_steps=4,
-                          learning_rate=5e-5, max_seq_len=512, eval_max_tokens=512, eval_examples=0),
+    "smollm2-gsm8k": {"train_data": "gsm8k", "epochs": 2, "batch_size": 64, "gradient_accumulation_steps": 4,
+                          "learning_rate": 5e-5, "max_seq_len": 512, "eval_max_tokens": 512, "eval_examples": 0},
 }
 
 
@@ -237,6 +238,5 @@ def train_sft(cfg: SFTConfig, policy: Policy | None = None, quiet: bool = False)
 def cli_main(argv: list[str] | None = None) -> int:
     cfg = parse_config(SFTConfig, argv, "Supervised fine-tuning on reasoning traces or instruction data.", PRESETS)
     final = train_sft(cfg)
-    print({k: round(v, 4) if isinstance(v, float) else v for k, v in final.items()})
-    print(f"config: {asdict(cfg)}")
+    print_summary(final, cfg)
     return 0

@@ -48,7 +48,7 @@ def parse_config(cls: type, argv: Sequence[str] | None, description: str, preset
     flags override it. Booleans are ``--flag`` / ``--no-flag``; tuples take several values.
     Each field's help text is its ``metadata["help"]``.
     """
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=description)
     if presets:
         parser.add_argument("--preset", choices=sorted(presets), default=None, help="named starting configuration")
     hints = typing.get_type_hints(cls)
@@ -74,12 +74,18 @@ def parse_config(cls: type, argv: Sequence[str] | None, description: str, preset
     return cls(**values)
 
 
-def field(default: Any, help: str) -> Any:  # noqa: A002  (mirrors dataclasses.field's vocabulary)
+def print_summary(final: dict[str, Any], config: Any) -> None:
+    """The end-of-run summary of a training program's ``cli_main``."""
+    print({k: float(f"{v:.5g}") if isinstance(v, float) else v for k, v in final.items()})
+    print(f"config: {dataclasses.asdict(config)}")
+
+
+def field(default: Any, help: str) -> Any:
     """A dataclass field with a help text (shown by ``--help``)."""
     return dataclasses.field(default=default, metadata={"help": help})
 
 
-def required(help: str) -> Any:  # noqa: A002
+def required(help: str) -> Any:
     return dataclasses.field(metadata={"help": help})
 
 
@@ -149,7 +155,7 @@ def grad_norm_and_clip(model: torch.nn.Module, max_norm: float) -> float:
 
 def git_sha() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False,
                               cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -334,8 +340,7 @@ def evaluate_rewards(
     }
     if samples_path is not None:
         with open(samples_path, "w") as f:
-            for p, o, a, s in zip(prompts, outs, answers, scores):
-                f.write(json.dumps({"prompt": p, "response": o[0].text, "answer": a, **s}) + "\n")
+            f.writelines(json.dumps({"prompt": p, "response": o[0].text, "answer": a, **s}) + "\n" for p, o, a, s in zip(prompts, outs, answers, scores))
     return metrics
 
 

@@ -49,7 +49,7 @@ def test_per_instance_dpo_loss_vs_direct(gpt2):
     assert got.requires_grad  # the policy side is differentiable
     # identical policy and reference: loss log 2, whatever the pair
     same = run_compute_per_instance_dpo_loss(lm, lm, gpt2, beta, prompt, chosen, rejected)
-    assert float(same) == pytest.approx(math.log(2), rel=1e-5)
+    assert same.item() == pytest.approx(math.log(2), rel=1e-5)
 
 
 def test_dpo_program_learns_toy_preferences(tmp_path):

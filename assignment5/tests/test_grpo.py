@@ -12,9 +12,9 @@ from cs336_alignment.train_utils import parse_config, read_log
 
 
 def _cfg(tmp_path, **kw) -> GRPOConfig:
-    base = dict(model="unused", out_dir=str(tmp_path / "grpo"), n_grpo_steps=18, rollout_batch_size=64, group_size=8,
-                train_batch_size=64, gradient_accumulation_steps=2, sampling_max_tokens=1, sampling_min_tokens=1, stop=(),
-                learning_rate=1e-2, eval_every=0, eval_max_tokens=1, loss_type="grpo_clip", device="cpu", seed=0)
+    base = {"model": "unused", "out_dir": str(tmp_path / "grpo"), "n_grpo_steps": 18, "rollout_batch_size": 64, "group_size": 8,
+                "train_batch_size": 64, "gradient_accumulation_steps": 2, "sampling_max_tokens": 1, "sampling_min_tokens": 1, "stop": (),
+                "learning_rate": 1e-2, "eval_every": 0, "eval_max_tokens": 1, "loss_type": "grpo_clip", "device": "cpu", "seed": 0}
     return GRPOConfig(**{**base, **kw})
 
 
@@ -44,11 +44,11 @@ def test_grpo_learns_toy_task(tmp_path):
 def test_grpo_off_policy_variant_runs_and_resumes(tmp_path):
     """Off-policy epochs with old log-probs, Dr. GRPO normalization, checkpoint and resume."""
     loss_type = "grpo_no_clip"
-    kw = dict(n_grpo_steps=2, epochs_per_rollout_batch=2, train_batch_size=32, gradient_accumulation_steps=2,
-              loss_type=loss_type, use_std_normalization=False, length_normalization="masked_normalize",
-              sampling_max_tokens=3, checkpoint_every=1, eval_examples=0)
-    args = dict(reward_fn=toy_task.digit_reward, train_examples=toy_task.digit_examples(8),
-                eval_examples=toy_task.digit_examples(4), quiet=True)
+    kw = {"n_grpo_steps": 2, "epochs_per_rollout_batch": 2, "train_batch_size": 32, "gradient_accumulation_steps": 2,
+              "loss_type": loss_type, "use_std_normalization": False, "length_normalization": "masked_normalize",
+              "sampling_max_tokens": 3, "checkpoint_every": 1, "eval_examples": 0}
+    args = {"reward_fn": toy_task.digit_reward, "train_examples": toy_task.digit_examples(8),
+                "eval_examples": toy_task.digit_examples(4), "quiet": True}
     train_grpo(_cfg(tmp_path, **kw), policy=toy_task.toy_policy(), **args)
     steps = [r["step"] for r in read_log(tmp_path / "grpo" / "log.jsonl", "train")]
     assert steps == [1, 2]
@@ -88,10 +88,10 @@ def test_programs_run_on_a_cs336_basics_model(tmp_path):
     Policy(model, tokenizer, "basics").save(tmp_path / "base")
     spec = str(tmp_path / "base" / "model.pt")
 
-    args = dict(reward_fn=toy_task.digit_reward, train_examples=toy_task.digit_examples(8),
-                eval_examples=toy_task.digit_examples(4), quiet=True)
-    kw = dict(model=spec, n_grpo_steps=2, checkpoint_every=1, sampling_max_tokens=3, rollout_batch_size=16,
-              group_size=4, train_batch_size=16, loss_type="no_baseline")
+    args = {"reward_fn": toy_task.digit_reward, "train_examples": toy_task.digit_examples(8),
+                "eval_examples": toy_task.digit_examples(4), "quiet": True}
+    kw = {"model": spec, "n_grpo_steps": 2, "checkpoint_every": 1, "sampling_max_tokens": 3, "rollout_batch_size": 16,
+              "group_size": 4, "train_batch_size": 16, "loss_type": "no_baseline"}
     train_grpo(_cfg(tmp_path, **kw), **args)
     train_grpo(_cfg(tmp_path, **{**kw, "n_grpo_steps": 3, "resume": True}), **args)
     assert [r["step"] for r in read_log(tmp_path / "grpo" / "log.jsonl", "train")] == [1, 2, 3]

@@ -7,9 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from cs336_alignment import losses
-
 from cs336_alignment.adapters import (
     run_compute_entropy,
     run_compute_group_normalized_rewards,
@@ -213,7 +211,7 @@ def test_grpo_microbatch_step_grad_vs_autograd(loss_type, length_normalization):
     logp, mask, g = _batch(1)
     old = logp + 0.3 * torch.randn(logp.shape, generator=g)
     raw, adv = torch.rand(4, 1, generator=g), torch.randn(4, 1, generator=g)
-    kw = dict(raw_rewards=raw, advantages=adv, old_log_probs=old, cliprange=0.2)
+    kw = {"raw_rewards": raw, "advantages": adv, "old_log_probs": old, "cliprange": 0.2}
     x = logp.clone().requires_grad_(True)
     loss, meta = run_grpo_microbatch_train_step(x, mask, 2, loss_type, **kw) if length_normalization == "masked_mean" \
         else losses.grpo_microbatch_train_step(x, mask, 2, loss_type, **kw, length_normalization=length_normalization, normalize_constant=5.0)

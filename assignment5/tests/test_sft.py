@@ -46,9 +46,9 @@ def test_sft_program_learns_and_resumes(tmp_path):
     """Reasoning-format SFT on a JSONL: the NLL falls, evaluation runs, a resumed run continues."""
     train = _write_jsonl(tmp_path / "train.jsonl", [{"prompt": f"Q{i}: a digit? A:", "response": " 7"} for i in range(32)])
     evals = _write_jsonl(tmp_path / "eval.jsonl", [{"question": f"Q{100 + i}: a digit? A:", "answer": "x"} for i in range(8)])
-    kw = dict(model="unused", out_dir=str(tmp_path / "sft"), train_data=train, prompt="question_only", epochs=3,
-              batch_size=8, gradient_accumulation_steps=2, learning_rate=1e-2, warmup_ratio=0.0, eval_data=evals,
-              eval_max_tokens=2, stop=(), device="cpu", checkpoint_every=6)
+    kw = {"model": "unused", "out_dir": str(tmp_path / "sft"), "train_data": train, "prompt": "question_only", "epochs": 3,
+              "batch_size": 8, "gradient_accumulation_steps": 2, "learning_rate": 1e-2, "warmup_ratio": 0.0, "eval_data": evals,
+              "eval_max_tokens": 2, "stop": (), "device": "cpu", "checkpoint_every": 6}
     final = train_sft(SFTConfig(**kw), policy=toy_task.toy_policy(), quiet=True)
     log = tmp_path / "sft" / "log.jsonl"
     train_rows = read_log(log, "train")
@@ -64,9 +64,9 @@ def test_sft_program_learns_and_resumes(tmp_path):
 
 def test_packed_instruction_tuning(tmp_path, shared_data):
     """The supplement's packed format: every token is a target; the loss falls on a repeated sample."""
-    kw = dict(model="unused", out_dir=str(tmp_path / "packed"), data_format="packed",
-              train_data=str(shared_data / "sft" / "sft_sample.jsonl"), seq_length=128, epochs=2, batch_size=16,
-              gradient_accumulation_steps=2, learning_rate=3e-3, eval_data="none", device="cpu")
+    kw = {"model": "unused", "out_dir": str(tmp_path / "packed"), "data_format": "packed",
+              "train_data": str(shared_data / "sft" / "sft_sample.jsonl"), "seq_length": 128, "epochs": 2, "batch_size": 16,
+              "gradient_accumulation_steps": 2, "learning_rate": 3e-3, "eval_data": "none", "device": "cpu"}
     train_sft(SFTConfig(**kw), policy=toy_task.toy_policy(), quiet=True)
     rows = read_log(tmp_path / "packed" / "log.jsonl", "train")
     assert rows and all(r["tokens"] == 16 * 128 for r in rows)

@@ -6,9 +6,12 @@ import json
 
 import pytest
 import torch
-
 from cs336_alignment import sft_data
-from cs336_alignment.adapters import get_packed_sft_dataset, run_iterate_batches, run_tokenize_prompt_and_output
+from cs336_alignment.adapters import (
+    get_packed_sft_dataset,
+    run_iterate_batches,
+    run_tokenize_prompt_and_output,
+)
 
 
 @pytest.fixture(scope="module")
