@@ -47,3 +47,28 @@ def test_multigpu_script_smoke(tmp_path):
     assert {r["mode"] for r in data["ddp"]["rows"]} == {"ddp-naive", "ddp-flat", "ddp-overlap", "ddp-bucketed", "torch-ddp"}
     assert data["ddp"]["best_vs_torch_ddp"] > 0
     assert [r["mode"] for r in data["memory"]["rows"]] == ["ddp-bucketed", "zero1", "fsdp", "torch-fsdp2"]
+
+
+def _fallbacks(rank, world_size):
+    import torch
+    import torch.distributed as dist
+
+    from cs336_systems import dist_utils
+
+    x = torch.arange(8, dtype=torch.float32) * (rank + 1)
+    fused_rs, fused_ag = torch.empty(4), torch.empty(16)
+    dist_utils.reduce_scatter_tensor(fused_rs, x)
+    dist_utils.all_gather_into_tensor(fused_ag, x)
+    # Pretend the backend lacks the fused ops (older gloo): all_reduce + slice / list all_gather.
+    key = dist.get_backend()
+    dist_utils._FUSED_SUPPORTED[("reduce_scatter", key)] = False
+    dist_utils._FUSED_SUPPORTED[("all_gather", key)] = False
+    rs, ag = torch.empty(4), torch.empty(16)
+    dist_utils.reduce_scatter_tensor(rs, x, async_op=True).wait()
+    dist_utils.all_gather_into_tensor(ag, x, async_op=True).wait()
+    expected_rs = (torch.arange(8, dtype=torch.float32) * 3)[rank * 4 : (rank + 1) * 4]
+    return torch.equal(rs, fused_rs) and torch.equal(rs, expected_rs) and torch.equal(ag, fused_ag)
+
+
+def test_collective_fallbacks_match_fused_ops():
+    assert run_distributed(_fallbacks, 2) == [True, True]
