@@ -61,7 +61,7 @@ class Plan:
     num_layers: int = 4
     num_heads: int = 4
     d_ff: int = 384
-    pretrain_steps: int = 300
+    pretrain_steps: int = 400
     pretrain_batch: int = 32
     pretrain_lr: float = 3e-3
     sft_steps: int = 150
@@ -86,7 +86,7 @@ class Plan:
             vocab_size=1024 if scale <= 2 else 4096,
             d_model=d_model, num_heads=max(4, d_model // 32), d_ff=int(d_model * 8 / 3 / 32 + 0.5) * 32,
             num_layers=4 if scale <= 2 else 6,
-            pretrain_steps=steps(300, 60),
+            pretrain_steps=steps(400, 60),
             sft_steps=steps(150, 60), grpo_steps=20 if scale <= 1 else int(20 * grow),
             eval_problems=500,
         )
@@ -249,7 +249,8 @@ def stage_sample(ckpt: Path, tok_dir: Path, device: str, seed: int) -> list[dict
         ids = generate(model, tok.encode(p), max_new_tokens=80, temperature=0.8, top_p=0.95, eos_id=eos, generator=g)
         text = tok.decode([i for i in ids if i != eos])
         out.append({"prompt": p, "completion": text})
-        print(f"  {p!r} -> {text.strip()[:160]!r}", flush=True)
+    for s in out:  # after the bar, so the lines are not overwritten by it
+        print(f"  {s['prompt']!r} -> {s['completion'].strip()[:160]!r}", flush=True)
     return out
 
 
@@ -410,7 +411,7 @@ def write_report(out: Path, plan: Plan, results: dict, commands: dict[str, str],
         "# cs336 quickstart report", "",
         f"Synthetic corpus (seed {plan.seed}, scale {plan.scale}), device `{plan.device}`, "
         f"total wall time {results['wall_s']:.0f} s. Everything below was produced by "
-        "`uv run cs336 quickstart " + " ".join(results["argv"]) + "`.", "",
+        "`" + " ".join(["uv run cs336 quickstart", *results["argv"]]) + "`.", "",
         "## Held-out evaluation", "",
         (f"{ev['n']} held-out word problems (question strings never seen in pretraining, SFT or GRPO), "
          "prompt `User: <question>\\nAssistant: <think>`, graded by `cs336_alignment.grading.r1_zero_reward_fn` "
