@@ -102,6 +102,7 @@ class _Weights:
     eps: float
     interleaved_rope: bool  # cs336_basics rotates (x[2i], x[2i+1]); HF rotates halves
     rope_table: Any = field(repr=False)  # callable max_len -> (cos, sin), each (max_len, D/2) float32
+    max_positions: int | None = None  # the model's context length, where it has a hard one
 
 
 def _hf_weights(model: nn.Module) -> _Weights:
@@ -150,7 +151,7 @@ def _basics_weights(model: nn.Module) -> _Weights:
     ]
     return _Weights(model.token_embeddings.weight, layers, model.ln_final.weight, model.lm_head.weight,
                     model.num_heads, model.num_heads, model.d_model // model.num_heads, blk0.ln1.eps, True,
-                    rope_table)
+                    rope_table, max_positions=rope.cos.shape[0])
 
 
 # ----------------------------------------------------------------------------- functional forward
@@ -326,6 +327,8 @@ class RolloutEngine:
 
     def _ensure_buffers(self, batch: int, length: int) -> None:
         length = -(-length // self.len_bucket) * self.len_bucket
+        if self.weights.max_positions is not None:  # a short-context model: the bucket must not overshoot it
+            length = min(length, self.weights.max_positions)
         c = self._cache
         if c is None or c.batch < batch or c.length < length:
             self._graphs.clear()  # graphs point into the old buffers
