@@ -118,7 +118,9 @@ def qa_examples(source: str, split: str = "train", limit: int = 0, seed: int = 0
     if source in ("gsm8k", "math", "math500"):
         from cs336_alignment import datasets
 
-        raw = {"gsm8k": lambda: datasets.load_gsm8k(split), "math": lambda: datasets.load_math(split),
+        # MATH train has two rows without a \boxed{} answer: skipped (and reported), not fatal
+
+        raw = {"gsm8k": lambda: datasets.load_gsm8k(split), "math": lambda: datasets.load_math(split, errors="skip"),
                "math500": datasets.load_math500}[source]()
         rows = [{"question": ex_question(ex), "answer": ex_answer(ex), "solution": _solution(ex, source)} for ex in raw]
     else:

@@ -89,3 +89,11 @@ def test_sft_examples_from_jsonl(tmp_path):
     p.write_text("{not json\n")
     with pytest.raises(ValueError, match="pairs.jsonl:1"):
         sft_data.read_jsonl(p)
+
+
+def test_qa_examples_math_train_skips_the_two_unanswerable_rows():
+    from cs336_alignment.sft_data import qa_examples
+
+    rows = qa_examples("math", "train")
+    assert len(rows) == 7500 - 2  # number_theory lines 662 and 664 have an empty \boxed{}
+    assert all(r["question"] and r["answer"] for r in rows)
