@@ -543,7 +543,11 @@ def _bucket(n: int) -> int:
 class VLLMEngine:
     """The same interface on top of vLLM (``pip install vllm``); the policy must be a HF model."""
 
-    def __init__(self, policy: Policy, model_dir: str | None = None, gpu_memory_utilization: float = 0.5, **kw: Any):
+    # knobs of the built-in engine that have no vLLM counterpart (callers may pass them to either backend)
+    _BUILTIN_ONLY = ("check_every", "len_bucket", "cuda_graphs", "prefill_tokens")
+
+    def __init__(self, policy: Policy, model_dir: str | None = None, gpu_memory_utilization: float = 0.5,
+                 max_batch_size: int | None = None, **kw: Any):
         import tempfile
 
         from vllm import LLM
@@ -552,6 +556,9 @@ class VLLMEngine:
             model_dir = tempfile.mkdtemp(prefix="cs336_vllm_")
             policy.save(model_dir)
         self.policy = policy
+        kw = {k: v for k, v in kw.items() if k not in self._BUILTIN_ONLY}
+        if max_batch_size is not None:
+            kw["max_num_seqs"] = max_batch_size
         self.llm = LLM(model=model_dir, dtype="bfloat16", gpu_memory_utilization=gpu_memory_utilization, **kw)
 
     def load_weights(self, source: nn.Module | dict[str, Tensor]) -> None:
@@ -559,14 +566,17 @@ class VLLMEngine:
         runner = self.llm.llm_engine.model_executor.driver_worker.model_runner
         runner.model.load_weights(state.items())
 
-    def generate(self, prompts: list[str], params: SamplingParams | None = None) -> list[list[Completion]]:
+    def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams | None = None,
+                 ) -> list[list[Completion]]:
         from vllm import SamplingParams as VSamplingParams
 
         params = params or SamplingParams()
         vp = VSamplingParams(temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_new_tokens,
                              min_tokens=params.min_new_tokens, stop=list(params.stop), n=params.n, seed=params.seed,
                              logprobs=0, include_stop_str_in_output=True)
-        outs = self.llm.generate(prompts, vp, use_tqdm=False)
+        # token-id prompts go in as vLLM's TokensPrompt dicts, so rollouts and training see the same tokens
+        inputs = [p if isinstance(p, str) else {"prompt_token_ids": list(p)} for p in prompts]
+        outs = self.llm.generate(inputs, vp, use_tqdm=False)
         return [[Completion(o.text, list(o.token_ids),
                             [lp[t].logprob for lp, t in zip(o.logprobs or [], o.token_ids)],
                             "length" if o.finish_reason == "length" else "stop") for o in out.outputs]
