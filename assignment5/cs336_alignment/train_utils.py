@@ -42,7 +42,7 @@ def _field_type(tp: Any) -> Any:
 
 
 def parse_config(cls: type, argv: Sequence[str] | None, description: str, presets: dict[str, dict] | None = None) -> Any:
-    """Build the frozen config ``cls`` from ``--field value`` flags, one per dataclass field.
+    """Build the frozen config ``cls`` from ``--field-name value`` flags, one per dataclass field.
 
     ``--preset NAME`` starts from ``presets[NAME]`` instead of the dataclass defaults; explicit
     flags override it. Booleans are ``--flag`` / ``--no-flag``; tuples take several values.
@@ -55,15 +55,17 @@ def parse_config(cls: type, argv: Sequence[str] | None, description: str, preset
     for f in dataclasses.fields(cls):
         tp, help_text = _field_type(hints[f.name]), f.metadata.get("help", "")
         default = f.default if f.default is not dataclasses.MISSING else None
-        flag = "--" + f.name
+        # --train-data, as in cs336-basics; the field's own spelling --train_data is accepted too
+        flags = dict.fromkeys(["--" + f.name.replace("_", "-"), "--" + f.name])
+        common = dict(dest=f.name, default=None, help=f"{help_text} (default {default})")
         if tp is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"{help_text} (default {default})")
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **common)
         elif tp is tuple:
             inner = _field_type(typing.get_args(hints[f.name])[0]) if typing.get_args(hints[f.name]) else str
-            parser.add_argument(flag, nargs="+", type=inner, default=None, help=f"{help_text} (default {default})")
+            parser.add_argument(*flags, nargs="+", type=inner, **common)
         else:
             choices = typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is typing.Literal else None
-            parser.add_argument(flag, type=tp, choices=choices, default=None, help=f"{help_text} (default {default})")
+            parser.add_argument(*flags, type=tp, choices=choices, **common)
     args = vars(parser.parse_args(argv))
     values = dict(presets[args.pop("preset")]) if presets and args.get("preset") else {}
     args.pop("preset", None)
