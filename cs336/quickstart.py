@@ -87,7 +87,7 @@ class Plan:
             d_model=d_model, num_heads=max(4, d_model // 32), d_ff=int(d_model * 8 / 3 / 32 + 0.5) * 32,
             num_layers=4 if scale <= 2 else 6,
             pretrain_steps=steps(400, 60),
-            sft_steps=steps(150, 60), grpo_steps=20 if scale <= 1 else int(20 * grow),
+            sft_steps=150 if scale <= 1 else steps(150, 60), grpo_steps=20 if scale <= 1 else int(20 * grow),
             eval_problems=500,
         )
 
