@@ -27,7 +27,6 @@ import gzip
 import io
 import json
 import os
-import socket
 import sys
 import tarfile
 import urllib.error
@@ -107,7 +106,7 @@ def fetch(url: str, dest: Path, *, force: bool = False, gunzip: bool = False, pr
         part.unlink(missing_ok=True)
         hint = " (set HF_TOKEN if the repository is gated)" if e.code in (401, 403) else ""
         raise DownloadError(f"{url}: HTTP {e.code} {e.reason}{hint}") from e
-    except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError, OSError) as e:
+    except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
         part.unlink(missing_ok=True)
         reason = getattr(e, "reason", e)
         raise DownloadError(
