@@ -139,3 +139,16 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     changes = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                if getattr(args, f.name, None) is not None}
     return PRESETS[args.preset].replace(**changes)
+
+
+def config_from_cli(parser: argparse.ArgumentParser, args: argparse.Namespace) -> TrainConfig:
+    """``config_from_args`` for a training command: an invalid config or a missing data file is a
+    usage error (``parser.error``: message + exit code 2), never a traceback."""
+    try:
+        cfg = config_from_args(args)
+    except ValueError as e:
+        parser.error(str(e))
+    for name in ("train_data", "val_data"):
+        if not getattr(cfg, name):
+            parser.error(f"--{name.replace('_', '-')} is required")
+    return cfg

@@ -37,7 +37,7 @@ from cs336_basics.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-from cs336_basics.config import TrainConfig, add_config_args, config_from_args
+from cs336_basics.config import TrainConfig, add_config_args, config_from_cli
 from cs336_basics.data import check_token_range, eval_batches, get_batch, load_tokens
 from cs336_basics.model import TransformerLM
 from cs336_basics.nn_utils import clip_grad_norm, cross_entropy
@@ -379,13 +379,7 @@ def cli_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cs336-basics train", description=__doc__.split("\n\n")[0])
     add_config_args(parser)
     args = parser.parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-    except ValueError as e:
-        parser.error(str(e))
-    for name in ("train_data", "val_data"):
-        if not getattr(cfg, name):
-            parser.error(f"--{name.replace('_', '-')} is required")
+    cfg = config_from_cli(parser, args)
     try:
         result = train(cfg)
     except (TrainingStopped, CheckpointError, ValueError, ImportError) as e:

@@ -199,7 +199,7 @@ def make_strategy(mode: str, cfg=None, *, bucket_size_mb: float = 25.0, compute_
 
 def cli_main(argv: list[str] | None = None) -> int:
     from cs336_basics.checkpoint import CheckpointError
-    from cs336_basics.config import add_config_args, config_from_args
+    from cs336_basics.config import add_config_args, config_from_cli
     from cs336_basics.train import TrainingStopped, train
 
     parser = argparse.ArgumentParser(prog="cs336-systems train", description=__doc__.split("\n\n")[0])
@@ -211,13 +211,7 @@ def cli_main(argv: list[str] | None = None) -> int:
                         help="seconds any collective may wait before the job fails")
     add_config_args(parser)
     args = parser.parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-    except ValueError as e:
-        parser.error(str(e))
-    for name in ("train_data", "val_data"):
-        if not getattr(cfg, name):
-            parser.error(f"--{name.replace('_', '-')} is required")
+    cfg = config_from_cli(parser, args)
     if args.parallel != "none" and "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1")  # a one-process group: same code path, no torchrun
         os.environ.setdefault("MASTER_PORT", str(find_free_port()))
