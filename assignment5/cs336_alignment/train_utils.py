@@ -13,7 +13,6 @@ import json
 import os
 import random
 import shutil
-import subprocess
 import sys
 import time
 import types
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from cs336_basics.train import git_sha
 
 from cs336_alignment.models import Policy
 
@@ -57,7 +57,7 @@ def parse_config(cls: type, argv: Sequence[str] | None, description: str, preset
         default = f.default if f.default is not dataclasses.MISSING else None
         # --train-data, as in cs336-basics; the field's own spelling --train_data is accepted too
         flags = dict.fromkeys(["--" + f.name.replace("_", "-"), "--" + f.name])
-        common = dict(dest=f.name, default=None, help=f"{help_text} (default {default})")
+        common = {"dest": f.name, "default": None, "help": f"{help_text} (default {default})"}
         if tp is bool:
             parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **common)
         elif tp is tuple:
@@ -153,14 +153,6 @@ def grad_norm_and_clip(model: torch.nn.Module, max_norm: float) -> float:
 
 
 # --------------------------------------------------------------------------- run log
-
-
-def git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False,
-                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 class RunLog:
