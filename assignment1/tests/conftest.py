@@ -1,7 +1,7 @@
 from pathlib import Path
 
 import pytest
-
+import torch
 from cs336_basics.paths import shared_data_dir
 
 
@@ -11,3 +11,13 @@ def shared_data() -> Path:
     path = shared_data_dir()
     assert path.is_dir(), f"shared data not found at {path}; set CS336_SHARED_DATA"
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one intra-op thread is as fast and never fights other processes for cores.
+    Used by the model/training test modules (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -14,14 +14,7 @@ from cs336_basics.checkpoint import (
 from cs336_basics.model import TransformerLM
 from cs336_basics.optimizer import AdamW
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is as fast and never fights other processes for cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _model_and_opt(seed=0, d_model=16):

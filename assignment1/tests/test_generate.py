@@ -8,14 +8,7 @@ from cs336_basics.config import TrainConfig
 from cs336_basics.generate import cli_main, generate, load_model_from_checkpoint, sample_next
 from cs336_basics.model import TransformerLM
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is as fast and never fights other processes for cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _lm(**kw):

@@ -12,14 +12,7 @@ from cs336_basics.checkpoint import CheckpointError, read_checkpoint
 from cs336_basics.config import PRESETS, TrainConfig
 from cs336_basics.data import DataError
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is as fast and never fights other processes for cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _tokens(path: Path, arr) -> str:
