@@ -6,6 +6,11 @@ tokens by repeatedly merging the adjacent pair with the lowest merge rank. Resul
 pre-token (most text re-uses a small set of words); the cache is bounded, so memory stays flat on
 any input.
 
+Fast path (same ids, see ``_encode_text``): running the GPT-2 regex over all the text costs more
+than tiktoken's whole encode, so the text is first cut at every ``" "`` (``str.split``, in C) and
+the ids of each space-led word (``" " + piece``) are cached too; the regex runs only on the words
+seen for the first time and on the few stretches where a cut at a space is not exact.
+
 Files: ``vocab.json`` (token -> id, bytes written through GPT-2's byte <-> printable-unicode map),
 ``merges.txt`` (``#version: 0.2`` then one ``left right`` pair per line, same map) and
 ``tokenizer_config.json`` (the special tokens). Hugging Face ``tokenizers`` (``ByteLevelBPE``) and
@@ -17,9 +22,10 @@ from __future__ import annotations
 import heapq
 import json
 import os
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from functools import lru_cache
-from itertools import chain, pairwise, repeat
+from itertools import chain, compress, count, pairwise, repeat
 from pathlib import Path
 
 import regex
@@ -88,6 +94,49 @@ class _PretokenCache(dict):
         return ids
 
 
+# Marks a piece after which a cut at the next " " is not exact (see ``_encode_text``).
+_UNSAFE = object()
+# Longer pieces (e.g. text without spaces) are encoded but not cached.
+_MAX_WORD_CHARS = 64
+
+
+class _WordCache(dict):
+    """piece -> ids of ``" " + piece`` for the fast path of ``Tokenizer._encode_text``.
+
+    A miss on a cacheable piece stores an empty list as a placeholder and queues the piece; the
+    caller encodes all queued pieces in one regex pass and fills the placeholders in place, so the
+    lookup over all pieces stays one C-level ``map``. A piece that is empty or ends in whitespace
+    gets ``_UNSAFE`` (never stored; ``unsafe`` counts them)."""
+
+    def __init__(self, max_size: int):
+        super().__init__()
+        self.max_size = max_size
+        self.pending: list[str] = []
+        self.holders: list[list[int]] = []
+        self.unsafe = 0
+
+    def __missing__(self, piece: str):
+        # str.isspace accepts every character the pattern's \s does (and \x1c-\x1f besides),
+        # so a piece judged safe here is safe for the regex.
+        if not piece or piece[-1].isspace():
+            self.unsafe += 1
+            return _UNSAFE
+        holder: list[int] = []  # filled by Tokenizer._encode_pending
+        if len(piece) <= _MAX_WORD_CHARS:
+            if len(self) >= self.max_size:
+                self.clear()  # bound memory; queued placeholders stay valid for this call
+            self[piece] = holder
+        self.pending.append(piece)
+        self.holders.append(holder)
+        return holder
+
+    def drop_pending(self) -> None:
+        for piece, holder in zip(self.pending, self.holders):
+            if self.get(piece) is holder:
+                del self[piece]
+        self.pending, self.holders = [], []
+
+
 class Tokenizer:
     """Byte-level BPE tokenizer over a vocab (id -> bytes) and an ordered merge list."""
 
@@ -144,6 +193,7 @@ class Tokenizer:
         self._special_re = special_pattern(self.special_tokens)
         self._cut_re = safe_cut_regex(self.special_tokens)
         self._cache = _PretokenCache(self._bpe, cache_size)
+        self._words = _WordCache(cache_size // 2)
 
     # ------------------------------------------------------------------ construction / files
     @classmethod
@@ -308,15 +358,82 @@ class Tokenizer:
     # ------------------------------------------------------------------ encode / decode
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``."""
-        cache = self._cache
         ids: list[int] = []
         for piece, is_special in split_on_special(text, self._special_re):
             if is_special:
                 ids.append(self._special_ids[piece])
             else:
-                # map/chain run in C; only cache misses call back into Python
-                ids.extend(chain.from_iterable(map(cache.__getitem__, PAT.findall(piece))))
+                ids.extend(chain.from_iterable(self._encode_text(piece)))
         return ids
+
+    def _encode_plain(self, text: str) -> list[int]:
+        """Ids of ``text`` (no special tokens) through the full GPT-2 regex."""
+        # map/chain run in C; only cache misses call back into Python
+        return list(chain.from_iterable(map(self._cache.__getitem__, PAT.findall(text))))
+
+    def _encode_text(self, text: str) -> list[Sequence[int]]:
+        """Ids of ``text`` (no special tokens) as a list of id sequences, in order.
+
+        Why cutting at spaces is exact: a cut just before a " " whose preceding character is not
+        whitespace never splits a pre-token (only the whitespace alternatives span a character
+        followed by a space, and they hold nothing but whitespace), and the pattern has no
+        lookbehind while its only lookahead, ``(?!\\S)``, gives the same answer at the end of a
+        string as before a " ". So with ``pieces = text.split(" ")``, the word ``" " + piece``
+        pre-tokenizes on its own exactly as in the whole text whenever both the piece before it
+        and the piece itself are non-empty and end in a non-space character. Pieces that do not
+        (double spaces, "\\n " indentation, a leading space) are rare in prose; each run of them
+        is joined with its neighbours into a stretch that goes through the regex as a whole.
+        """
+        words = self._words
+        words.unsafe = 0
+        pieces = text.split(" ")
+        try:
+            res: list = list(map(words.__getitem__, pieces))  # hits in C; misses queue the piece
+            if words.pending:
+                self._encode_pending()
+        except BaseException:  # e.g. KeyboardInterrupt: never leave an empty placeholder cached
+            words.drop_pending()
+            raise
+        # pieces[0] has no space before it: it starts the first stretch. A stretch runs from an
+        # unsafe position through the next safe word (its right edge is a safe cut).
+        res[0] = _UNSAFE
+        n = len(res)
+        i = 0
+        while True:
+            j = i + 1
+            while j < n and res[j] is _UNSAFE:
+                j += 1
+            res[i] = self._encode_plain((" " if i else "") + " ".join(pieces[i : j + 1]))
+            for k in range(i + 1, min(j + 1, n)):
+                res[k] = ()
+            if not words.unsafe:  # pieces[0] aside, no unsafe piece in this text
+                break
+            try:
+                i = res.index(_UNSAFE, j + 1)  # identity hit first: the C scan is cheap
+            except ValueError:
+                break
+        return res
+
+    def _encode_pending(self) -> None:
+        """Fill the placeholders of the words queued by ``_WordCache`` (one regex pass)."""
+        words = self._words
+        pending, holders = words.pending, words.holders
+        # Joined with " ", the words keep their pre-tokens (each cut is before a space that
+        # follows a non-space); a pre-token starts with " " exactly where a word starts.
+        toks = PAT.findall(" " + " ".join(pending))
+        tok_ids = list(map(self._cache.__getitem__, toks))
+        starts = list(compress(count(), map(str.startswith, toks, repeat(" "))))
+        assert len(starts) == len(pending)
+        starts.append(len(toks))
+        vals = [
+            tok_ids[a] if b - a == 1 else tuple(chain.from_iterable(tok_ids[a:b]))
+            for a, b in pairwise(starts)
+        ]
+        deque(map(list.extend, holders, vals), maxlen=0)  # this call's result lists
+        words.pending, words.holders = [], []
+        # the cache keeps tuples (smaller than the placeholder lists); its size grows by at most
+        # this call's new words past ``max_size`` (when ``__missing__`` cleared it mid-call)
+        words.update((w, v) for w, v in zip(pending, vals) if len(w) <= _MAX_WORD_CHARS)
 
     def encode_iterable(
         self, iterable: Iterable[str], buffer_chars: int = 1 << 16

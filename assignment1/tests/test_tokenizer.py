@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import regex
 import tiktoken
 from cs336_basics.bpe import train_bpe
 from cs336_basics.tokenizer import Tokenizer, bytes_to_unicode
@@ -81,6 +82,77 @@ def test_matches_tiktoken_on_hypothesis_text(ours, reference, parts, with_eot):
     ids = ours.encode(text)
     assert ids == reference.encode(text, allowed_special="all", disallowed_special=())
     assert ours.decode(ids) == text
+
+
+# ------------------------------------------------------------------ the space-split fast path
+# Characters that stress the cut at " " (Tokenizer._encode_text): runs of spaces, every other kind
+# of whitespace the pattern's \s knows (and \x1c-\x1f, which str.isspace adds), "\r\n",
+# letters and digits outside ASCII, contraction pieces and punctuation.
+_ADVERSARIAL = (
+    list(" \t\n\r\x0b\x0c\x1c\x1f\x85\xa0\u2000\u2028\u3000")
+    + list("aZé中ß1٣²'sdmtlvre.,!-😀")
+    + [" ", "  ", "\r\n", "\n ", " \n", "'s", "'ll", " '", EOT, " " + EOT, EOT + " ", "\n" + EOT]
+)
+adversarial = st.lists(st.sampled_from(_ADVERSARIAL), max_size=60).map("".join)
+
+
+def plain_encode(tok: Tokenizer, text: str) -> list[int]:
+    """The slow path: special tokens, then the GPT-2 regex over every character, then BPE per
+    pre-token (no word cache, no cut at spaces)."""
+    ids: list[int] = []
+    for part in regex.split(f"({regex.escape(EOT)})", text):
+        if part == EOT:
+            ids.append(tok.token_id(EOT))
+        else:
+            for pretoken in regex.findall(GPT2_PAT, part):
+                ids.extend(tok._bpe(pretoken))
+    return ids
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(gpt2_dir) -> Tokenizer:
+    """Caches of 8 entries: the word cache is cleared in the middle of most calls."""
+    tok = Tokenizer.from_files(gpt2_dir / "vocab.json", gpt2_dir / "merges.txt", [EOT])
+    return Tokenizer(tok.vocab, tok.merges, [EOT], cache_size=16)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(adversarial, min_size=1, max_size=4))
+def test_fast_path_equals_plain_regex_and_tiktoken(ours, tiny_cache, reference, texts):
+    """Several texts through one tokenizer: later ones meet words cached by earlier ones."""
+    for text in texts:
+        expected = plain_encode(ours, text)
+        assert ours.encode(text) == expected, repr(text)
+        assert tiny_cache.encode(text) == expected, repr(text)
+        assert reference.encode(text, allowed_special="all") == expected, repr(text)
+
+
+def test_fast_path_on_spacing_patterns(ours, reference):
+    words = ["the", "don't", "x1", "9", "—", "é", ".", "\t", "\n", "\r\n", "\xa0", "\u3000"]
+    seps = [" ", "  ", "   ", "\n ", " \n", "\t ", " \t", "\r\n ", "\xa0 ", " \xa0", "\n\n  "]
+    for a, sep, b in itertools.product(words, seps, words):
+        for text in (a + sep + b, sep + a + sep + b + sep, f"{a}{sep}{EOT}{sep}{b}"):
+            expected = plain_encode(ours, text)
+            assert ours.encode(text) == expected, repr(text)
+            assert reference.encode(text, allowed_special="all") == expected, repr(text)
+
+
+def test_interrupted_encode_leaves_no_partial_cache_entry(gpt2_dir):
+    """An exception while new words are encoded (here from BPE) must not leave their empty
+    placeholders in the word cache."""
+    tok = Tokenizer.from_files(gpt2_dir / "vocab.json", gpt2_dir / "merges.txt", [EOT])
+    text = "a few brand new words: zyxwvut qqqqj, and more"
+    bpe = tok._cache._bpe
+
+    def failing(pretoken):
+        raise KeyboardInterrupt
+
+    tok._cache._bpe = failing
+    with pytest.raises(KeyboardInterrupt):
+        tok.encode(text)
+    assert not tok._words.pending and all(v for v in tok._words.values())
+    tok._cache._bpe = bpe
+    assert tok.encode(text) == plain_encode(tok, text)
 
 
 def gpt2_merge_loop(tok: Tokenizer, ids: list[int]) -> list[int]:
