@@ -194,6 +194,7 @@ class Tokenizer:
         self._cut_re = safe_cut_regex(self.special_tokens)
         self._cache = _PretokenCache(self._bpe, cache_size)
         self._words = _WordCache(cache_size // 2)
+        self.block_chars = 1 << 16  # text per fast-path call (see ``_blocks``)
 
     # ------------------------------------------------------------------ construction / files
     @classmethod
@@ -363,7 +364,8 @@ class Tokenizer:
             if is_special:
                 ids.append(self._special_ids[piece])
             else:
-                ids.extend(chain.from_iterable(self._encode_text(piece)))
+                for block in _blocks(piece, self.block_chars):
+                    ids.extend(chain.from_iterable(self._encode_text(block)))
         return ids
 
     def _encode_plain(self, text: str) -> list[int]:
@@ -495,6 +497,24 @@ class Tokenizer:
                 f"token id {e.args[0]} is not in the vocab (size {self.vocab_size})"
             ) from None
         return data.decode("utf-8", errors="replace")
+
+
+def _blocks(text: str, size: int) -> Iterator[str]:
+    """``text`` in pieces of about ``size`` characters, each cut just before a " " that follows
+    a non-space character (exact: see ``Tokenizer._encode_text``). Bounded pieces keep the
+    per-call lists small (memory, and young lists the garbage collector re-scans)."""
+    start = 0
+    pos = size
+    while pos < len(text):
+        pos = text.find(" ", pos)
+        if pos < 0:
+            break
+        if text[pos - 1].isspace():
+            pos += 1
+            continue
+        yield text[start:pos]
+        start, pos = pos, pos + size
+    yield text[start:]
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -111,9 +111,12 @@ def plain_encode(tok: Tokenizer, text: str) -> list[int]:
 
 @pytest.fixture(scope="module")
 def tiny_cache(gpt2_dir) -> Tokenizer:
-    """Caches of 8 entries: the word cache is cleared in the middle of most calls."""
+    """Word cache of 8 entries (cleared in the middle of most calls) and blocks of 1 char (the
+    text is cut at every space ``_blocks`` accepts, one fast-path call per block)."""
     tok = Tokenizer.from_files(gpt2_dir / "vocab.json", gpt2_dir / "merges.txt", [EOT])
-    return Tokenizer(tok.vocab, tok.merges, [EOT], cache_size=16)
+    tok = Tokenizer(tok.vocab, tok.merges, [EOT], cache_size=16)
+    tok.block_chars = 1
+    return tok
 
 
 @settings(max_examples=500, deadline=None)
@@ -127,13 +130,14 @@ def test_fast_path_equals_plain_regex_and_tiktoken(ours, tiny_cache, reference, 
         assert reference.encode(text, allowed_special="all") == expected, repr(text)
 
 
-def test_fast_path_on_spacing_patterns(ours, reference):
+def test_fast_path_on_spacing_patterns(ours, tiny_cache, reference):
     words = ["the", "don't", "x1", "9", "—", "é", ".", "\t", "\n", "\r\n", "\xa0", "\u3000"]
     seps = [" ", "  ", "   ", "\n ", " \n", "\t ", " \t", "\r\n ", "\xa0 ", " \xa0", "\n\n  "]
     for a, sep, b in itertools.product(words, seps, words):
         for text in (a + sep + b, sep + a + sep + b + sep, f"{a}{sep}{EOT}{sep}{b}"):
             expected = plain_encode(ours, text)
             assert ours.encode(text) == expected, repr(text)
+            assert tiny_cache.encode(text) == expected, repr(text)
             assert reference.encode(text, allowed_special="all") == expected, repr(text)
 
 
