@@ -190,6 +190,19 @@ def test_scan_and_heap_merges_equal_gpt2_loop(ours, reference, text):
     assert ours.encode(text) == reference.encode(text)
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.text(st.sampled_from(list("ab é\n'sl😀 ")), min_size=1, max_size=40), max_size=30)
+)
+def test_batched_bpe_equals_gpt2_loop(ours, words):
+    """The numpy BPE over many words at once (used for a cold cache) gives GPT-2's result per
+    word, runs of equal tokens ("aaaa", spaces) included."""
+    got = ours._bpe_batch(words) if words else []
+    assert len(got) == len(words)
+    for word, ids in zip(words, got):
+        assert list(ids) == gpt2_merge_loop(ours, [ours._byte_ids[b] for b in word.encode()])
+
+
 def test_long_pretokens(ours, reference):
     for text in [
         " " * 5000,
