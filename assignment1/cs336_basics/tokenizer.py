@@ -22,7 +22,6 @@ from __future__ import annotations
 import heapq
 import json
 import os
-from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from functools import lru_cache
 from itertools import chain, filterfalse, islice, pairwise, repeat
@@ -97,6 +96,8 @@ class _PretokenCache(dict):
 
 # Marks a piece after which a cut at the next " " is not exact (see ``_encode_text``).
 _UNSAFE = object()
+# Marks a piece not in the word cache yet.
+_MISS = object()
 # Longer pieces (e.g. text without spaces) are encoded but not cached.
 _MAX_WORD_CHARS = 64
 # From this many new pre-tokens on, BPE runs batched in numpy (``Tokenizer._bpe_batch``).
@@ -106,18 +107,23 @@ _BATCH_MIN = 500
 class _WordCache(dict):
     """piece -> ids of ``" " + piece`` for the fast path of ``Tokenizer._encode_text``.
 
-    A miss on a cacheable piece stores an empty list as a placeholder and queues the piece; the
-    caller encodes all queued pieces in one regex pass and fills the placeholders in place, so the
-    lookup over all pieces stays one C-level ``map``. A piece that is empty or ends in whitespace
-    gets ``_UNSAFE`` (never stored; ``unsafe`` counts them)."""
+    A miss returns ``_MISS`` and queues the piece, so the look-up of all pieces stays one
+    C-level ``map``; the caller encodes the queued pieces in one regex pass and puts their ids
+    in place. A piece that is empty or ends in whitespace gets ``_UNSAFE`` (never stored;
+    ``unsafe`` counts them). Only tuples are stored: no placeholder objects for the cyclic
+    garbage collector to track."""
 
     def __init__(self, max_size: int):
         super().__init__()
         self.max_size = max_size
-        self.pending: list[str] = []
-        self.holders: list[list[int]] = []
+        self.pending: dict[str, None] = {}  # this call's new pieces, in order
+        self.long_pending = False  # a queued piece is too long to cache
         self.unsafe = 0
+
+    def start_call(self) -> None:
+        self.pending.clear()
         self.long_pending = False
+        self.unsafe = 0
 
     def __missing__(self, piece: str):
         # str.isspace accepts every character the pattern's \s does (and \x1c-\x1f besides),
@@ -125,22 +131,10 @@ class _WordCache(dict):
         if not piece or piece[-1].isspace():
             self.unsafe += 1
             return _UNSAFE
-        holder: list[int] = []  # filled by Tokenizer._encode_pending
-        if len(piece) <= _MAX_WORD_CHARS:
-            if len(self) >= self.max_size:
-                self.clear()  # bound memory; queued placeholders stay valid for this call
-            self[piece] = holder
-        else:
+        self.pending[piece] = None
+        if len(piece) > _MAX_WORD_CHARS:
             self.long_pending = True
-        self.pending.append(piece)
-        self.holders.append(holder)
-        return holder
-
-    def drop_pending(self) -> None:
-        for piece, holder in zip(self.pending, self.holders):
-            if self.get(piece) is holder:
-                del self[piece]
-        self.pending, self.holders, self.long_pending = [], [], False
+        return _MISS
 
 
 class _PairTable:
@@ -494,15 +488,24 @@ class Tokenizer:
         is joined with its neighbours into a stretch that goes through the regex as a whole.
         """
         words = self._words
-        words.unsafe = 0
+        words.start_call()
         pieces = text.split(" ")
-        try:
-            res: list = list(map(words.__getitem__, pieces))  # hits in C; misses queue the piece
-            if words.pending:
-                self._encode_pending()
-        except BaseException:  # e.g. KeyboardInterrupt: never leave an empty placeholder cached
-            words.drop_pending()
-            raise
+        res: list = list(map(words.__getitem__, pieces))  # hits in C; misses queue the piece
+        if words.pending:
+            fresh = self._encode_words(list(words.pending))
+            i = -1
+            try:
+                while True:
+                    i = res.index(_MISS, i + 1)  # identity hit first: the C scan is cheap
+                    res[i] = fresh[pieces[i]]
+            except ValueError:
+                pass
+            # the cache may pass ``max_size`` by this call's new words only
+            if len(words) + len(fresh) > words.max_size:
+                words.clear()
+            if words.long_pending:
+                fresh = {w: v for w, v in fresh.items() if len(w) <= _MAX_WORD_CHARS}
+            words.update(fresh)
         # pieces[0] has no space before it: it starts the first stretch. A stretch runs from an
         # unsafe position through the next safe word (its right edge is a safe cut).
         res[0] = _UNSAFE
@@ -523,13 +526,12 @@ class Tokenizer:
                 break
         return res
 
-    def _encode_pending(self) -> None:
-        """Fill the placeholders of the words queued by ``_WordCache`` (one regex pass)."""
-        words = self._words
-        pending, holders = words.pending, words.holders
+    def _encode_words(self, pieces: list[str]) -> dict[str, tuple[int, ...]]:
+        """piece -> ids of ``" " + piece`` for safe pieces (non-empty, no space, not ending in
+        whitespace), through one regex pass over all of them."""
         # Joined with " ", the words keep their pre-tokens (each cut is before a space that
         # follows a non-space); a pre-token starts with " " exactly where a word starts.
-        toks = PAT.findall(" " + " ".join(pending))
+        toks = PAT.findall(" " + " ".join(pieces))
         cache = self._cache
         # (not set.difference: with a dict subclass it walks the whole cache)
         new = [t for t in filterfalse(cache.__contains__, set(toks)) if len(t) <= 32]
@@ -540,18 +542,10 @@ class Tokenizer:
         tok_ids = list(map(cache.__getitem__, toks))
         # ids per word: sum the id counts of its pre-tokens, then cut the flat id list
         starts = np.flatnonzero(np.fromiter(map(str.startswith, toks, repeat(" ")), bool))
-        assert len(starts) == len(pending)
+        assert len(starts) == len(pieces)
         lengths = np.fromiter(map(len, tok_ids), dtype=np.int64, count=len(tok_ids))
-        vals = _cut(chain.from_iterable(tok_ids), np.add.reduceat(lengths, starts).tolist())
-        deque(map(list.extend, holders, vals), maxlen=0)  # this call's result lists
-        words.pending, words.holders = [], []
-        # the cache keeps tuples (smaller than the placeholder lists); its size grows by at most
-        # this call's new words past ``max_size`` (when ``__missing__`` cleared it mid-call)
-        if words.long_pending:
-            vals = [v for w, v in zip(pending, vals) if len(w) <= _MAX_WORD_CHARS]
-            pending = [w for w in pending if len(w) <= _MAX_WORD_CHARS]
-            words.long_pending = False
-        words.update(zip(pending, vals))
+        counts = np.add.reduceat(lengths, starts).tolist()
+        return dict(zip(pieces, _cut(chain.from_iterable(tok_ids), counts)))
 
     def encode_iterable(
         self, iterable: Iterable[str], buffer_chars: int = 1 << 16
