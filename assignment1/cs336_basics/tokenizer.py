@@ -22,9 +22,11 @@ from __future__ import annotations
 import heapq
 import json
 import os
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from functools import lru_cache
-from itertools import chain, filterfalse, islice, pairwise, repeat
+from itertools import chain, compress, count, filterfalse, islice, pairwise, repeat
+from operator import is_
 from pathlib import Path
 
 import numpy as np
@@ -107,11 +109,11 @@ _BATCH_MIN = 500
 class _WordCache(dict):
     """piece -> ids of ``" " + piece`` for the fast path of ``Tokenizer._encode_text``.
 
-    A miss returns ``_MISS`` and queues the piece, so the look-up of all pieces stays one
-    C-level ``map``; the caller encodes the queued pieces in one regex pass and puts their ids
-    in place. A piece that is empty or ends in whitespace gets ``_UNSAFE`` (never stored;
-    ``unsafe`` counts them). Only tuples are stored: no placeholder objects for the cyclic
-    garbage collector to track."""
+    A miss stores and returns ``_MISS`` and queues the piece, so the look-up of all pieces stays
+    one C-level ``map``; the caller encodes the queued pieces in one regex pass, puts their ids
+    in place and stores them. A piece that is empty or ends in whitespace gets ``_UNSAFE``
+    (never stored; ``unsafe`` counts them). Values are shared sentinels or tuples of ints: no
+    new objects for the cyclic garbage collector to track."""
 
     def __init__(self, max_size: int):
         super().__init__()
@@ -134,7 +136,18 @@ class _WordCache(dict):
         self.pending[piece] = None
         if len(piece) > _MAX_WORD_CHARS:
             self.long_pending = True
+        else:  # later occurrences in this call hit in C (``Tokenizer._encode_text`` replaces it)
+            if len(self) >= self.max_size:
+                self.clear()
+            self[piece] = _MISS
         return _MISS
+
+    def drop_pending(self) -> None:
+        """Remove this call's ``_MISS`` entries (after an exception)."""
+        for piece in self.pending:
+            if self.get(piece) is _MISS:
+                del self[piece]
+        self.start_call()
 
 
 class _PairTable:
@@ -492,16 +505,16 @@ class Tokenizer:
         pieces = text.split(" ")
         res: list = list(map(words.__getitem__, pieces))  # hits in C; misses queue the piece
         if words.pending:
-            fresh = self._encode_words(list(words.pending))
-            i = -1
             try:
-                while True:
-                    i = res.index(_MISS, i + 1)  # identity hit first: the C scan is cheap
-                    res[i] = fresh[pieces[i]]
-            except ValueError:
-                pass
+                fresh = self._encode_words(list(words.pending))
+            except BaseException:  # e.g. KeyboardInterrupt: leave no _MISS in the cache
+                words.drop_pending()
+                raise
+            # res[i] = fresh[pieces[i]] at every _MISS, all in C
+            at = list(compress(count(), map(is_, res, repeat(_MISS))))
+            deque(map(res.__setitem__, at, map(fresh.__getitem__, map(pieces.__getitem__, at))), 0)
             # the cache may pass ``max_size`` by this call's new words only
-            if len(words) + len(fresh) > words.max_size:
+            if len(words) > words.max_size:
                 words.clear()
             if words.long_pending:
                 fresh = {w: v for w, v in fresh.items() if len(w) <= _MAX_WORD_CHARS}
@@ -543,9 +556,12 @@ class Tokenizer:
         # ids per word: sum the id counts of its pre-tokens, then cut the flat id list
         starts = np.flatnonzero(np.fromiter(map(str.startswith, toks, repeat(" ")), bool))
         assert len(starts) == len(pieces)
-        lengths = np.fromiter(map(len, tok_ids), dtype=np.int64, count=len(tok_ids))
-        counts = np.add.reduceat(lengths, starts).tolist()
-        return dict(zip(pieces, _cut(chain.from_iterable(tok_ids), counts)))
+        first = starts.tolist()
+        vals = list(map(tok_ids.__getitem__, first))  # right for words of one pre-token
+        first.append(len(toks))
+        for k in np.flatnonzero(np.diff(first) > 1).tolist():
+            vals[k] = tuple(chain.from_iterable(tok_ids[first[k] : first[k + 1]]))
+        return dict(zip(pieces, vals))
 
     def encode_iterable(
         self, iterable: Iterable[str], buffer_chars: int = 1 << 16
