@@ -253,6 +253,7 @@ class Tokenizer:
         self._cut_re = safe_cut_regex(self.special_tokens)
         self._cache = _PretokenCache(self._bpe, cache_size)
         self._words = _WordCache(cache_size // 2)
+        self._loose: dict[str, tuple[int, ...]] = {}  # see ``_loose_word``
         self.block_chars = 1 << 20  # text per fast-path call (see ``_blocks``)
 
     # ------------------------------------------------------------------ construction / files
@@ -497,8 +498,12 @@ class Tokenizer:
         string as before a " ". So with ``pieces = text.split(" ")``, the word ``" " + piece``
         pre-tokenizes on its own exactly as in the whole text whenever both the piece before it
         and the piece itself are non-empty and end in a non-space character. Pieces that do not
-        (double spaces, "\\n " indentation, a leading space) are rare in prose; each run of them
-        is joined with its neighbours into a stretch that goes through the regex as a whole.
+        (double spaces, "\\n " indentation, a leading space) are rare in prose. After such a
+        piece a cut is still exact if the next piece starts with a non-space character X: the
+        whitespace run W before X then ends in this " ", and the full scan also ends a pre-token
+        just before it (``\\s+(?!\\S)`` takes W minus its last character; a string ending in
+        whitespace gives the same). Elsewhere the unsafe pieces are joined with their neighbours
+        into a stretch that goes through the regex as a whole.
         """
         words = self._words
         words.start_call()
@@ -520,17 +525,20 @@ class Tokenizer:
                 fresh = {w: v for w, v in fresh.items() if len(w) <= _MAX_WORD_CHARS}
             words.update(fresh)
         # pieces[0] has no space before it: it starts the first stretch. A stretch runs from an
-        # unsafe position through the next safe word (its right edge is a safe cut).
+        # unsafe piece to the first exact cut after it, and goes through the regex as a whole.
         res[0] = _UNSAFE
         n = len(res)
         i = 0
         while True:
-            j = i + 1
-            while j < n and res[j] is _UNSAFE:
+            j = i
+            while j + 1 < n and res[j] is _UNSAFE and not _starts_word(pieces[j + 1]):
                 j += 1
-            res[i] = self._encode_plain((" " if i else "") + " ".join(pieces[i : j + 1]))
-            for k in range(i + 1, min(j + 1, n)):
-                res[k] = ()
+            if 0 < i == j:  # one word, e.g. " end.\n" before " Next": cached apart
+                res[i] = self._loose_word(pieces[i])
+            else:
+                res[i] = self._encode_plain((" " if i else "") + " ".join(pieces[i : j + 1]))
+                for k in range(i + 1, j + 1):
+                    res[k] = ()
             if not words.unsafe:  # pieces[0] aside, no unsafe piece in this text
                 break
             try:
@@ -538,6 +546,16 @@ class Tokenizer:
             except ValueError:
                 break
         return res
+
+    def _loose_word(self, piece: str) -> tuple[int, ...]:
+        """Ids of ``" " + piece`` for an unsafe piece between two exact cuts. Kept out of the
+        word cache, where a hit would hide that the piece is unsafe."""
+        ids = self._loose.get(piece)
+        if ids is None:
+            if len(self._loose) >= self._words.max_size // 8:
+                self._loose.clear()
+            ids = self._loose[piece] = tuple(self._encode_plain(" " + piece))
+        return ids
 
     def _encode_words(self, pieces: list[str]) -> dict[str, tuple[int, ...]]:
         """piece -> ids of ``" " + piece`` for safe pieces (non-empty, no space, not ending in
@@ -558,9 +576,11 @@ class Tokenizer:
         assert len(starts) == len(pieces)
         first = starts.tolist()
         vals = list(map(tok_ids.__getitem__, first))  # right for words of one pre-token
-        first.append(len(toks))
-        for k in np.flatnonzero(np.diff(first) > 1).tolist():
-            vals[k] = tuple(chain.from_iterable(tok_ids[first[k] : first[k + 1]]))
+        ends = np.r_[starts[1:], len(toks)]
+        multi = np.flatnonzero(ends - starts > 1)  # words of several pre-tokens: join their ids
+        spans = map(slice, starts[multi].tolist(), ends[multi].tolist())
+        joined = map(tuple, map(chain.from_iterable, map(tok_ids.__getitem__, spans)))
+        deque(map(vals.__setitem__, multi.tolist(), joined), 0)  # all in C
         return dict(zip(pieces, vals))
 
     def encode_iterable(
@@ -623,6 +643,12 @@ class Tokenizer:
                 f"token id {e.args[0]} is not in the vocab (size {self.vocab_size})"
             ) from None
         return data.decode("utf-8", errors="replace")
+
+
+def _starts_word(piece: str) -> bool:
+    """True if a cut just before ``" " + piece`` is exact even after whitespace: the space is the
+    last one before a non-space character (see ``Tokenizer._encode_text``)."""
+    return bool(piece) and not piece[0].isspace()
 
 
 def _cut(items: Iterable[int], counts: list[int]) -> list[tuple[int, ...]]:
