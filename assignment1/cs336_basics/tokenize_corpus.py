@@ -51,7 +51,7 @@ def _encode_range(args: tuple) -> tuple[np.ndarray, int]:
     path, start, end, encoding, dtype = args
     tok = _worker_tokenizer
     parts = [
-        np.array(tok.encode(piece), dtype=dtype)
+        tok.encode_to_array(piece).astype(dtype, copy=False)
         for piece in iter_pieces(path, start, end, tok.special_tokens, encoding)
     ]
     ids = np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)

@@ -25,7 +25,7 @@ import os
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from functools import lru_cache
-from itertools import chain, compress, count, filterfalse, islice, pairwise, repeat
+from itertools import compress, count, filterfalse, pairwise, repeat
 from operator import is_
 from pathlib import Path
 
@@ -82,17 +82,19 @@ def str_to_token(s: str) -> bytes:
 
 
 class _PretokenCache(dict):
-    """pre-token -> tuple of ids; misses run BPE (``dict.__missing__`` keeps hits in C)."""
+    """pre-token -> its ids packed as bytes (``Tokenizer._pack``); misses run BPE
+    (``dict.__missing__`` keeps hits in C)."""
 
-    def __init__(self, bpe, max_size: int):
+    def __init__(self, bpe, pack, max_size: int):
         super().__init__()
         self._bpe = bpe
+        self._pack = pack
         self.max_size = max_size
 
-    def __missing__(self, key: str) -> tuple[int, ...]:
+    def __missing__(self, key: str) -> bytes:
         if len(self) >= self.max_size:
             self.clear()  # bound memory; cheaper than LRU bookkeeping on every hit
-        ids = self[key] = self._bpe(key)
+        ids = self[key] = self._pack(self._bpe(key))
         return ids
 
 
@@ -107,13 +109,12 @@ _BATCH_MIN = 500
 
 
 class _WordCache(dict):
-    """piece -> ids of ``" " + piece`` for the fast path of ``Tokenizer._encode_text``.
+    """piece -> packed ids of ``" " + piece`` for the fast path of ``Tokenizer._encode_text``.
 
     A miss stores and returns ``_MISS`` and queues the piece, so the look-up of all pieces stays
     one C-level ``map``; the caller encodes the queued pieces in one regex pass, puts their ids
     in place and stores them. A piece that is empty or ends in whitespace gets ``_UNSAFE``
-    (never stored; ``unsafe`` counts them). Values are shared sentinels or tuples of ints: no
-    new objects for the cyclic garbage collector to track."""
+    (never stored; ``unsafe`` counts them)."""
 
     def __init__(self, max_size: int):
         super().__init__()
@@ -251,9 +252,14 @@ class Tokenizer:
         self._byte_ids_np = np.array(self._byte_ids, dtype=np.int64)
         self._special_re = special_pattern(self.special_tokens)
         self._cut_re = safe_cut_regex(self.special_tokens)
-        self._cache = _PretokenCache(self._bpe, cache_size)
+        # The caches hold ids packed as bytes in the dtype of the ``tokenize`` CLI's arrays:
+        # joining them is a memcpy, an array is ``np.frombuffer`` of the join, and bytes are
+        # invisible to the cyclic garbage collector (tuples made it run hundreds of times).
+        self._dtype = np.dtype(np.uint16 if self.vocab_size <= 1 << 16 else np.uint32)
+        self._special_bytes = {s: self._pack((i,)) for s, i in self._special_ids.items()}
+        self._cache = _PretokenCache(self._bpe, self._pack, cache_size)
         self._words = _WordCache(cache_size // 2)
-        self._loose: dict[str, tuple[int, ...]] = {}  # see ``_loose_word``
+        self._loose: dict[str, bytes] = {}  # see ``_loose_word``
         self.block_chars = 1 << 20  # text per fast-path call (see ``_blocks``)
 
     # ------------------------------------------------------------------ construction / files
@@ -416,8 +422,8 @@ class Tokenizer:
                     heapq.heappush(heap, (r, i, new, tok[q]))
         return [tok[i] for i in range(n) if alive[i]]
 
-    def _bpe_batch(self, pretokens: list[str]) -> list[tuple[int, ...]]:
-        """``_bpe`` of many pre-tokens at once, in numpy (for a cold cache: a few times faster
+    def _bpe_batch(self, pretokens: list[str]) -> list[bytes]:
+        """``_bpe`` of many pre-tokens at once, packed (``_pack``), in numpy (for a cold cache: a few times faster
         than one ``_bpe`` call each once there are thousands).
 
         All words sit in one token array. One round is one step of GPT-2's loop in every word
@@ -468,28 +474,38 @@ class Tokenizer:
             rank[-1] = none
         out_word = np.concatenate(done_word)
         order = np.argsort(out_word, kind="stable")  # by word, each word's tokens in order
-        counts = np.bincount(out_word, minlength=len(encoded)).tolist()
-        return _cut(np.concatenate(done_tok)[order].tolist(), counts)
+        flat = np.concatenate(done_tok)[order].astype(self._dtype).tobytes()
+        ends = np.cumsum(np.bincount(out_word, minlength=len(encoded))) * self._dtype.itemsize
+        starts = np.r_[0, ends[:-1]]
+        return list(map(flat.__getitem__, map(slice, starts.tolist(), ends.tolist())))
+
+    def _pack(self, ids: Sequence[int]) -> bytes:
+        return np.array(ids, dtype=self._dtype).tobytes()
 
     # ------------------------------------------------------------------ encode / decode
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``."""
-        ids: list[int] = []
+        return self.encode_to_array(text).tolist()
+
+    def encode_to_array(self, text: str) -> np.ndarray:
+        """Token ids of ``text`` as a numpy array (uint16, or uint32 when the vocab exceeds
+        65,536): the ``tokenize`` CLI's format, made without a Python int per token."""
+        parts: list[bytes] = []
         for piece, is_special in split_on_special(text, self._special_re):
             if is_special:
-                ids.append(self._special_ids[piece])
+                parts.append(self._special_bytes[piece])
             else:
                 for block in _blocks(piece, self.block_chars):
-                    ids.extend(chain.from_iterable(self._encode_text(block)))
-        return ids
+                    parts.append(b"".join(self._encode_text(block)))
+        return np.frombuffer(b"".join(parts), dtype=self._dtype)
 
-    def _encode_plain(self, text: str) -> list[int]:
-        """Ids of ``text`` (no special tokens) through the full GPT-2 regex."""
-        # map/chain run in C; only cache misses call back into Python
-        return list(chain.from_iterable(map(self._cache.__getitem__, PAT.findall(text))))
+    def _encode_plain(self, text: str) -> bytes:
+        """Packed ids of ``text`` (no special tokens) through the full GPT-2 regex."""
+        # map/join run in C; only cache misses call back into Python
+        return b"".join(map(self._cache.__getitem__, PAT.findall(text)))
 
-    def _encode_text(self, text: str) -> list[Sequence[int]]:
-        """Ids of ``text`` (no special tokens) as a list of id sequences, in order.
+    def _encode_text(self, text: str) -> list[bytes]:
+        """Packed ids of ``text`` (no special tokens) as a list of pieces, in order.
 
         Why cutting at spaces is exact: a cut just before a " " whose preceding character is not
         whitespace never splits a pre-token (only the whitespace alternatives span a character
@@ -538,7 +554,7 @@ class Tokenizer:
             else:
                 res[i] = self._encode_plain((" " if i else "") + " ".join(pieces[i : j + 1]))
                 for k in range(i + 1, j + 1):
-                    res[k] = ()
+                    res[k] = b""
             if not words.unsafe:  # pieces[0] aside, no unsafe piece in this text
                 break
             try:
@@ -547,18 +563,18 @@ class Tokenizer:
                 break
         return res
 
-    def _loose_word(self, piece: str) -> tuple[int, ...]:
+    def _loose_word(self, piece: str) -> bytes:
         """Ids of ``" " + piece`` for an unsafe piece between two exact cuts. Kept out of the
         word cache, where a hit would hide that the piece is unsafe."""
         ids = self._loose.get(piece)
         if ids is None:
             if len(self._loose) >= self._words.max_size // 8:
                 self._loose.clear()
-            ids = self._loose[piece] = tuple(self._encode_plain(" " + piece))
+            ids = self._loose[piece] = self._encode_plain(" " + piece)
         return ids
 
-    def _encode_words(self, pieces: list[str]) -> dict[str, tuple[int, ...]]:
-        """piece -> ids of ``" " + piece`` for safe pieces (non-empty, no space, not ending in
+    def _encode_words(self, pieces: list[str]) -> dict[str, bytes]:
+        """piece -> packed ids of ``" " + piece`` for safe pieces (non-empty, no space, not ending in
         whitespace), through one regex pass over all of them."""
         # Joined with " ", the words keep their pre-tokens (each cut is before a space that
         # follows a non-space); a pre-token starts with " " exactly where a word starts.
@@ -579,7 +595,7 @@ class Tokenizer:
         ends = np.r_[starts[1:], len(toks)]
         multi = np.flatnonzero(ends - starts > 1)  # words of several pre-tokens: join their ids
         spans = map(slice, starts[multi].tolist(), ends[multi].tolist())
-        joined = map(tuple, map(chain.from_iterable, map(tok_ids.__getitem__, spans)))
+        joined = map(b"".join, map(tok_ids.__getitem__, spans))
         deque(map(vals.__setitem__, multi.tolist(), joined), 0)  # all in C
         return dict(zip(pieces, vals))
 
@@ -649,12 +665,6 @@ def _starts_word(piece: str) -> bool:
     """True if a cut just before ``" " + piece`` is exact even after whitespace: the space is the
     last one before a non-space character (see ``Tokenizer._encode_text``)."""
     return bool(piece) and not piece[0].isspace()
-
-
-def _cut(items: Iterable[int], counts: list[int]) -> list[tuple[int, ...]]:
-    """Consecutive tuples of ``counts[k]`` items each (map/islice run in C)."""
-    it = iter(items)
-    return list(map(tuple, map(islice, repeat(it), counts)))
 
 
 def _blocks(text: str, size: int) -> Iterator[str]:

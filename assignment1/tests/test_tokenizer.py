@@ -7,6 +7,7 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import regex
 import tiktoken
@@ -137,6 +138,8 @@ def ws_tok(tmp_path_factory) -> Tokenizer:
 def _fast_path_cases(ours, tiny_cache, ws_tok, reference, text):
     expected = plain_encode(ours, text)
     assert ours.encode(text) == expected, repr(text)
+    array = ours.encode_to_array(text)
+    assert array.dtype == np.uint16 and array.tolist() == expected
     assert tiny_cache.encode(text) == expected, repr(text)
     assert reference.encode(text, allowed_special="all") == expected, repr(text)
     assert ws_tok.encode(text) == plain_encode(ws_tok, text), repr(text)
@@ -171,7 +174,7 @@ def test_interrupted_encode_leaves_no_partial_cache_entry(gpt2_dir):
     tok._cache._bpe = failing
     with pytest.raises(KeyboardInterrupt):
         tok.encode(text)
-    assert all(isinstance(v, tuple) and v for v in tok._words.values())
+    assert all(isinstance(v, bytes) and v for v in tok._words.values())
     tok._cache._bpe = bpe
     assert tok.encode(text) == plain_encode(tok, text)
 
@@ -216,8 +219,9 @@ def test_batched_bpe_equals_gpt2_loop(ours, words):
     word, runs of equal tokens ("aaaa", spaces) included."""
     got = ours._bpe_batch(words) if words else []
     assert len(got) == len(words)
-    for word, ids in zip(words, got):
-        assert list(ids) == gpt2_merge_loop(ours, [ours._byte_ids[b] for b in word.encode()])
+    for word, packed in zip(words, got):
+        ids = np.frombuffer(packed, dtype=np.uint16).tolist()
+        assert ids == gpt2_merge_loop(ours, [ours._byte_ids[b] for b in word.encode()])
 
 
 def test_long_pretokens(ours, reference):
