@@ -9,7 +9,9 @@ any input.
 Fast path (same ids, see ``_encode_text``): running the GPT-2 regex over all the text costs more
 than tiktoken's whole encode, so the text is first cut at every ``" "`` (``str.split``, in C) and
 the ids of each space-led word (``" " + piece``) are cached too; the regex runs only on the words
-seen for the first time and on the few stretches where a cut at a space is not exact.
+seen for the first time and on the few stretches where a cut at a space is not exact. The new
+pre-tokens of a cold cache go through BPE together in numpy (``_bpe_batch``), and the caches hold
+ids packed as bytes, so a text's ids are one ``b"".join`` (``encode_to_array``).
 
 Files: ``vocab.json`` (token -> id, bytes written through GPT-2's byte <-> printable-unicode map),
 ``merges.txt`` (``#version: 0.2`` then one ``left right`` pair per line, same map) and
@@ -488,8 +490,8 @@ class Tokenizer:
         return self.encode_to_array(text).tolist()
 
     def encode_to_array(self, text: str) -> np.ndarray:
-        """Token ids of ``text`` as a numpy array (uint16, or uint32 when the vocab exceeds
-        65,536): the ``tokenize`` CLI's format, made without a Python int per token."""
+        """Token ids of ``text`` as a read-only numpy array (uint16, or uint32 when the vocab
+        exceeds 65,536): the ``tokenize`` CLI's format, made without a Python int per token."""
         parts: list[bytes] = []
         for piece, is_special in split_on_special(text, self._special_re):
             if is_special:
