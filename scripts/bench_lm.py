@@ -4,17 +4,26 @@ Same shape (the ``tinystories-17m`` preset: d_model 512, 4 layers, 16 heads, d_f
 256, vocab 10K), same batch (128), bf16 autocast, TF32 on, same step (forward, loss, backward,
 clip to norm 1, optimizer step, zero_grad), measured in one process, one after the other.
 
-- ours: ``cs336_basics.model.TransformerLM`` (attention backend ``sdpa``), our ``cross_entropy``,
-  ``clip_grad_norm`` and ``AdamW`` (multi-tensor).
-- HF: ``LlamaForCausalLM`` (``attn_implementation="sdpa"``, same initial weights), the loss it uses
-  internally (``F.cross_entropy`` on fp32 logits), ``torch.nn.utils.clip_grad_norm_`` and
+Variants ``{impl}-{mode}[-{optimizer}[-{loss}]]``:
+- impl ``ours``: ``cs336_basics.model.TransformerLM`` (attention backend ``sdpa``) and our
+  ``clip_grad_norm``; optimizer ``foreach`` (our ``AdamW(fused=False)``, multi-tensor
+  ``torch._foreach_*``) or ``fused`` (our ``AdamW(fused=True)``, one Triton kernel per step); loss
+  ``torchce`` (``cross_entropy_torch``, PyTorch ops; default) or ``tritonce`` (the Triton kernels of
+  ``fused_cross_entropy``, what ``cross_entropy`` runs on CUDA).
+- impl ``hf``: ``LlamaForCausalLM`` (``attn_implementation="sdpa"``, same initial weights), the loss
+  it uses internally (``F.cross_entropy`` on fp32 logits), ``torch.nn.utils.clip_grad_norm_`` and
   ``torch.optim.AdamW(fused=True)``.
+- mode ``compiled`` = ``torch.compile`` of the model, and of the loss function where it is PyTorch
+  ops (not the Triton one); optimizers are not compiled.
 
 Each variant: warm-up steps (compilation included) excluded, then ``--steps`` timed steps, each
-timed with ``torch.cuda.synchronize()``; median reported. "compiled" = ``torch.compile`` of the
-model and of the loss function, on both sides; the optimizers are not compiled. MFU = tokens/s × FLOPs/token / 989e12
-(H100 SXM dense bf16), FLOPs/token = 6·N + 12·L·C·T (N = matmul parameters, LM head included,
-input embedding excluded; see ``cs336_basics.train``).
+timed with ``torch.cuda.synchronize()``; median reported. Then ``--profile-steps`` steps under
+``torch.profiler``: GPU kernel time per step (the rest of the step is the GPU waiting for the
+host) and the top kernels. MFU = tokens/s × FLOPs/token / 989e12 (H100 SXM dense bf16),
+FLOPs/token = 6·N + 12·L·C·T (N = matmul parameters, LM head included, input embedding excluded;
+see ``cs336_basics.train``). Also times the optimizer step alone (``--opt-bench``): ours foreach,
+ours fused and torch's fused AdamW on the 17M model's parameters and on 8 layers of the course's
+2.7B model (839M parameters), with the peak memory the step adds.
 
     python scripts/bench_lm.py --out bench.json           # on one GPU
 """
@@ -22,6 +31,7 @@ input embedding excluded; see ``cs336_basics.train``).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import time
@@ -29,7 +39,8 @@ import time
 import torch
 import torch.nn.functional as F
 from cs336_basics.config import PRESETS
-from cs336_basics.nn_utils import clip_grad_norm, cross_entropy
+from cs336_basics.fused_cross_entropy import cross_entropy as triton_cross_entropy
+from cs336_basics.nn_utils import clip_grad_norm, cross_entropy_torch
 from cs336_basics.optimizer import AdamW
 from cs336_basics.train import build_model, flops_per_token, peak_flops
 
@@ -37,40 +48,67 @@ COURSE_TOKENS = 327_680_000  # the course's TinyStories budget: 10,000 steps x 1
 
 
 def make_variant(name: str, cfg, device):
-    """(model, optimizer, loss_fn, clip_fn) for ``ours-eager``, ``ours-compiled``, ``hf-eager``, ``hf-compiled``."""
-    impl, mode = name.split("-")
+    """(model, optimizer, loss_fn, clip_fn) for a variant name (see the module docstring)."""
+    impl, mode, *rest = name.split("-")
+    opt_impl, loss_impl = (rest + ["foreach", "torchce"][len(rest):])[:2]
+    assert impl in ("ours", "hf") and mode in ("eager", "compiled"), name
+    assert opt_impl in ("foreach", "fused") and loss_impl in ("torchce", "tritonce"), name
     torch.manual_seed(0)
     model = build_model(cfg.replace(model_impl="cs336" if impl == "ours" else "hf-llama"), device)
     kw = {"lr": 1e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
     if impl == "ours":
-        opt = AdamW(model.parameters(), **kw)
-        loss_fn, clip_fn = cross_entropy, clip_grad_norm
+        opt = AdamW(model.parameters(), fused=opt_impl == "fused", **kw)
+        loss_fn = triton_cross_entropy if loss_impl == "tritonce" else cross_entropy_torch
+        clip_fn = clip_grad_norm
     else:
         opt = torch.optim.AdamW(model.parameters(), fused=True, **kw)
         loss_fn = lambda logits, y: F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
         clip_fn = torch.nn.utils.clip_grad_norm_
-    if mode == "compiled":  # model and loss, for both sides
-        model, loss_fn = torch.compile(model), torch.compile(loss_fn)
+    if mode == "compiled":  # model and (PyTorch-ops) loss, for both sides
+        model = torch.compile(model)
+        if loss_fn is not triton_cross_entropy:
+            loss_fn = torch.compile(loss_fn)
     return model, opt, loss_fn, clip_fn
 
 
-def bench_variant(name, cfg, device, batch_size, warmup, steps) -> dict:
+def profile_steps(step_fn, steps: int, top: int = 12) -> dict:
+    """GPU kernel time per step and the ``top`` kernels by total time, under torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step_fn()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    kernels.sort(key=lambda e: -e.self_device_time_total)
+    total_us = sum(e.self_device_time_total for e in kernels)
+    return {"gpu_ms_per_step": round(total_us / steps / 1e3, 2),
+            "top_kernels": [{"name": e.key[:120], "ms_per_step": round(e.self_device_time_total / steps / 1e3, 3),
+                             "calls_per_step": e.count // steps} for e in kernels[:top]]}
+
+
+def bench_variant(name, cfg, device, batch_size, warmup, steps, prof_steps) -> dict:
     model, opt, loss_fn, clip_fn = make_variant(name, cfg, device)
     g = torch.Generator(device).manual_seed(0)
     x = torch.randint(0, cfg.vocab_size, (batch_size, cfg.context_length + 1), device=device, generator=g)
     x, y = x[:, :-1].contiguous(), x[:, 1:].contiguous()
-    torch.cuda.reset_peak_memory_stats(device)
-    times, losses = [], []
-    t_first = time.perf_counter()
-    for i in range(warmup + steps):
-        torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
+
+    def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = loss_fn(model(x), y)
         loss.backward()
         clip_fn(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return loss
+
+    torch.cuda.reset_peak_memory_stats(device)
+    times, losses = [], []
+    t_first = time.perf_counter()
+    for i in range(warmup + steps):
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        loss = step()
         torch.cuda.synchronize(device)
         if i == warmup - 1:
             warm_s = time.perf_counter() - t_first
@@ -92,17 +130,58 @@ def bench_variant(name, cfg, device, batch_size, warmup, steps) -> dict:
         "step_ms_min": round(1e3 * min(times), 2), "step_ms_max": round(1e3 * max(times), 2),
     }
     print(json.dumps(row), flush=True)
-    del model, opt
-    torch.cuda.empty_cache()
+    if prof_steps:
+        try:
+            row["profile"] = profile_steps(step, prof_steps)
+        except Exception as e:  # noqa: BLE001 (a profiler problem must not lose the timings)
+            row["profile"] = {"error": repr(e)}
     return row
+
+
+def bench_optimizer(shapes: list[tuple[int, ...]], label: str, device, iters: int = 20) -> list[dict]:
+    """The optimizer step alone over fp32 parameters of ``shapes`` with fixed random gradients:
+    median time (CUDA events) and the peak memory it adds above parameters, grads and states."""
+    rows = []
+    for impl in ("ours-foreach", "ours-fused", "torch-fused"):
+        params = [torch.nn.Parameter(torch.randn(s, device=device) * 0.02) for s in shapes]
+        for p in params:
+            p.grad = torch.randn_like(p) * 1e-3
+        kw = {"lr": 1e-3, "betas": (0.9, 0.95), "weight_decay": 0.1}
+        opt = (torch.optim.AdamW(params, fused=True, **kw) if impl == "torch-fused"
+               else AdamW(params, fused=impl == "ours-fused", **kw))
+        opt.step()  # states allocated (and kernels compiled) outside the measurement
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        times = []
+        for _ in range(iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            opt.step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        n = sum(p.numel() for p in params)
+        ms = statistics.median(times)
+        rows.append({"params": label, "n_params": n, "impl": impl, "step_ms": round(ms, 3),
+                     "gb_per_s_at_28_bytes_per_param": round(28 * n / ms / 1e6, 1),
+                     "extra_peak_gb": round((torch.cuda.max_memory_allocated(device) - base) / 1e9, 3)})
+        print(json.dumps(rows[-1]), flush=True)
+        del params, opt
+        torch.cuda.empty_cache()
+    return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--variants", nargs="+", default=["hf-eager", "ours-eager", "ours-compiled", "hf-compiled"])
+    ap.add_argument("--variants", nargs="+", default=[
+        "hf-eager", "ours-eager-foreach", "ours-eager-fused-tritonce",
+        "hf-compiled", "ours-compiled-foreach", "ours-compiled-fused", "ours-compiled-fused-tritonce"])
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--profile-steps", type=int, default=3, help="0: no profile")
+    ap.add_argument("--opt-bench", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     device = torch.device("cuda")
@@ -111,15 +190,31 @@ def main() -> None:
     cfg = PRESETS["tinystories-17m"].replace(attn_backend="sdpa")
     print(f"{torch.cuda.get_device_name(device)} | torch {torch.__version__} | batch {args.batch_size} x "
           f"{cfg.context_length} | FLOPs/token {flops_per_token(cfg, build_model(cfg, 'meta')) / 1e6:.1f}M", flush=True)
-    rows = [bench_variant(v, cfg, device, args.batch_size, args.warmup, args.steps) for v in args.variants]
-    by = {r["variant"]: r for r in rows}
+    opt_rows = []
+    if args.opt_bench:
+        model_shapes = [tuple(p.shape) for p in build_model(cfg, "meta").parameters()]
+        d, f = 2560, 10240  # 8 of the 32 layers of the course's 2.7B model
+        big_shapes = [(d, d)] * 4 * 8 + [(f, d), (d, f), (f, d)] * 8 + [(d,)] * 2 * 8
+        opt_rows = (bench_optimizer(model_shapes, "tinystories-17m", device)
+                    + bench_optimizer(big_shapes, "2.7B x 8 layers", device))
+    rows = []
+    for v in args.variants:
+        try:
+            rows.append(bench_variant(v, cfg, device, args.batch_size, args.warmup, args.steps, args.profile_steps))
+        except Exception as e:  # noqa: BLE001 (one broken variant must not lose the others)
+            rows.append({"variant": v, "error": repr(e)})
+            print(json.dumps(rows[-1]), flush=True)
+        gc.collect()
+        torch.cuda.empty_cache()
+    by = {r["variant"]: r for r in rows if "error" not in r}
     ratios = {f"{a}/{b}": round(by[a]["tok_s"] / by[b]["tok_s"], 3)
               for a in by if a.startswith("ours") for b in by if b.startswith("hf")}
     print(json.dumps({"ratios": ratios}))
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
-                       "batch_size": args.batch_size, "rows": rows, "ratios": ratios}, f, indent=1)
+                       "batch_size": args.batch_size, "rows": rows, "ratios": ratios, "optimizer": opt_rows}, f,
+                      indent=1)
 
 
 if __name__ == "__main__":

@@ -8,16 +8,28 @@ import torch
 from torch import Tensor
 
 from cs336_basics.model import softmax
+from cs336_basics.triton_support import kernels_for
 
-__all__ = ["clip_grad_norm", "cross_entropy", "softmax"]
+__all__ = ["clip_grad_norm", "cross_entropy", "cross_entropy_torch", "softmax"]
 
 
 def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
-    """Mean over all leading dims of ``-log softmax(logits)[target]``.
+    """Mean over all leading dims of ``-log softmax(logits)[target]``; ``logits`` ``(..., V)``,
+    ``targets`` ``(...)`` int; fp32 math even under bf16 autocast.
 
-    ``logits`` ``(..., V)``, ``targets`` ``(...)`` int. Uses ``logsumexp(x) = m + log Σ exp(x - m)``
-    with ``m = max x``, so large logits never overflow; computed in fp32 even under bf16 autocast.
+    On CUDA (when Triton imports) this runs the two Triton kernels of ``fused_cross_entropy.py``,
+    which read the logits once per pass instead of ~10 times; elsewhere, and while
+    ``torch.compile`` traces it (inductor fuses the PyTorch ops itself), `cross_entropy_torch`.
     """
+    kernels = None if torch.compiler.is_compiling() else kernels_for(logits.device, "fused_cross_entropy")
+    if kernels is not None and logits.dtype in kernels.SUPPORTED_DTYPES:
+        return kernels.cross_entropy(logits, targets)
+    return cross_entropy_torch(logits, targets)
+
+
+def cross_entropy_torch(logits: Tensor, targets: Tensor) -> Tensor:
+    """`cross_entropy` in PyTorch ops: ``logsumexp(x) = m + log Σ exp(x - m)`` with ``m = max x``,
+    so large logits never overflow; computed in fp32 even under bf16 autocast."""
     logits = logits.float()
     # m cancels out of the value and the gradient, so it needs no backward pass of its own
     m = logits.amax(dim=-1, keepdim=True).detach()  # (..., 1)

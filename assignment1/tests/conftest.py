@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 import torch
 from cs336_basics.paths import shared_data_dir
+from cs336_basics.triton_support import deselect_interpreter_tests
 
 
 @pytest.fixture(scope="session")
@@ -21,3 +22,8 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """test_interp_* (Triton kernels on CPU) run in a TRITON_INTERPRET=1 child process."""
+    deselect_interpreter_tests(config, items)

@@ -1,9 +1,14 @@
-"""Cross-entropy, softmax and gradient clipping against torch's own and explicit formulas."""
+"""Cross-entropy, softmax and gradient clipping against torch's own and explicit formulas.
+
+``test_interp_*`` run the Triton cross-entropy on CPU in the TRITON_INTERPRET=1 child process
+(``test_triton_interpreter.py``); ``gpu`` tests need CUDA."""
 
 import pytest
 import torch
 import torch.nn.functional as F
-from cs336_basics.nn_utils import clip_grad_norm, cross_entropy, softmax
+from cs336_basics.nn_utils import clip_grad_norm, cross_entropy, cross_entropy_torch, softmax
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def test_cross_entropy_matches_functional_any_leading_dims():
@@ -32,6 +37,48 @@ def test_cross_entropy_gradient_matches():
     cross_entropy(logits, t).backward()
     expected = (F.softmax(logits.detach(), -1) - F.one_hot(t, 9)) / 5
     torch.testing.assert_close(logits.grad, expected)
+
+
+def check_kernel_cross_entropy(shape, vocab, dtype, device, scale=1.0, tol=1e-5):
+    """`cross_entropy` through the Triton kernels (asserted) against F.cross_entropy on the same
+    values in fp32: the loss, and the gradient of ``2.5 · loss`` (upstream gradient not 1) in the
+    logits' dtype."""
+    g = torch.Generator().manual_seed(vocab)
+    x = (torch.randn(*shape, vocab, generator=g) * scale).to(device=device, dtype=dtype).requires_grad_()
+    t = torch.randint(0, vocab, shape, generator=g).to(device)
+    loss = cross_entropy(x, t)
+    assert type(loss.grad_fn).__name__ == "_CrossEntropyBackward", "the Triton path did not run"
+    (2.5 * loss).backward()
+    ref_x = x.detach().float().requires_grad_()
+    ref = F.cross_entropy(ref_x.reshape(-1, vocab), t.reshape(-1))
+    (2.5 * ref).backward()
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, ref, rtol=tol, atol=tol)
+    assert x.grad.dtype == dtype and x.grad.shape == x.shape
+    torch.testing.assert_close(x.grad, ref_x.grad.to(dtype), rtol=tol, atol=tol if dtype == torch.float32 else 1e-3)
+
+
+# vocab sizes around the kernel's 2,048-wide blocks: one partial block, exact blocks, several + partial
+@pytest.mark.parametrize("shape,vocab", [((7,), 33), ((2, 3), 2048), ((3, 5), 4100)])
+def test_interp_triton_cross_entropy_matches_functional(shape, vocab):
+    check_kernel_cross_entropy(shape, vocab, torch.float32, "cpu")
+
+
+def test_interp_triton_cross_entropy_bf16_and_large_logits():
+    check_kernel_cross_entropy((6,), 2100, torch.bfloat16, "cpu", tol=1e-4)
+    check_kernel_cross_entropy((4,), 300, torch.float32, "cpu", scale=1e4)  # no overflow
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_cross_entropy_on_cuda(dtype):
+    check_kernel_cross_entropy((8, 256), 10_000, dtype, "cuda", tol=1e-4)  # the tinystories-17m vocab
+
+
+def test_cross_entropy_torch_is_the_cpu_path():
+    logits, t = torch.randn(3, 4, 20), torch.randint(0, 20, (3, 4))
+    torch.testing.assert_close(cross_entropy(logits, t), cross_entropy_torch(logits, t), rtol=0, atol=0)
 
 
 def test_softmax_reexport():

@@ -1,0 +1,93 @@
+"""Cross-entropy over a large vocabulary as two Triton kernels behind one autograd Function.
+
+For the LM loss the (N, V) logits (N = batch × context, V = vocab; 32,768 × 10,000 for the
+``tinystories-17m`` preset) dominate memory traffic. In plain PyTorch ops the fp32 loss reads and
+writes them about ten times (upcast, max, shift, exp, sum, gather, and as many again backward).
+Here the forward reads each row once, in its storage dtype, with an online softmax (running max and
+sum per lane) and keeps only the row's log-sum-exp; the backward reads the row once more and writes
+``(softmax - onehot) · dL/dloss / N`` straight into the gradient, in the logits' dtype. All
+arithmetic is fp32, as in ``nn_utils.cross_entropy_torch``.
+
+``cs336_basics.nn_utils.cross_entropy`` calls this on CUDA when Triton imports (CPU tensors too
+under ``TRITON_INTERPRET=1``, as in the tests). Targets must lie in ``[0, V)``: they are not
+checked on the device (the training loop checks its data's token ids once).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+BLOCK_V = 2048  # vocab entries per loop iteration of one row's program
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@triton.jit
+def _ce_fwd_kernel(logits_ptr, stride, targets_ptr, loss_ptr, lse_ptr, V, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    base = logits_ptr + row * stride
+    # per-lane running max and sum of exp(x - max); finite start so that masked lanes (-inf) give 0, not nan
+    m = tl.full([BLOCK_V], -3.0e38, tl.float32)
+    s = tl.zeros([BLOCK_V], tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        x = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, x)
+        s = s * tl.exp(m - m_new) + tl.exp(x - m_new)
+        m = m_new
+    row_max = tl.max(m, axis=0)
+    lse = row_max + tl.log(tl.sum(s * tl.exp(m - row_max), axis=0))
+    target = tl.load(targets_ptr + row)
+    target_logit = tl.load(base + target).to(tl.float32)
+    tl.store(loss_ptr + row, lse - target_logit)
+    tl.store(lse_ptr + row, lse)
+
+
+@triton.jit
+def _ce_bwd_kernel(logits_ptr, stride, targets_ptr, lse_ptr, grad_loss_ptr, grad_ptr, grad_stride, V, inv_n,
+                   BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    base = logits_ptr + row * stride
+    gbase = grad_ptr + row * grad_stride
+    scale = tl.load(grad_loss_ptr).to(tl.float32) * inv_n  # d(mean)/d(row loss) · upstream gradient
+    lse = tl.load(lse_ptr + row)
+    target = tl.load(targets_ptr + row)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        mask = cols < V
+        x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
+        p = tl.exp(x - lse)  # softmax
+        d = tl.where(cols == target, p - 1.0, p) * scale
+        tl.store(gbase + cols, d.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+class _CrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor) -> Tensor:
+        n, vocab = logits.shape  # (N, V), last dim contiguous
+        loss = torch.empty(n, dtype=torch.float32, device=logits.device)
+        lse = torch.empty(n, dtype=torch.float32, device=logits.device)
+        _ce_fwd_kernel[(n,)](logits, logits.stride(0), targets, loss, lse, vocab, BLOCK_V=BLOCK_V, num_warps=8)
+        ctx.save_for_backward(logits, targets, lse)
+        return loss.mean()
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):
+        logits, targets, lse = ctx.saved_tensors
+        n, vocab = logits.shape
+        grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+        _ce_bwd_kernel[(n,)](logits, logits.stride(0), targets, lse, grad_loss.contiguous(), grad, grad.stride(0),
+                             vocab, 1.0 / n, BLOCK_V=BLOCK_V, num_warps=8)
+        return grad, None
+
+
+def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean over all leading dims of ``-log softmax(logits)[target]``; ``logits`` ``(..., V)`` of a
+    dtype in `SUPPORTED_DTYPES`, ``targets`` ``(...)`` int. Returns an fp32 scalar."""
+    vocab = logits.shape[-1]
+    flat = logits.reshape(-1, vocab)
+    if flat.stride(-1) != 1:
+        flat = flat.contiguous()
+    return _CrossEntropy.apply(flat, targets.reshape(-1).long().contiguous())
