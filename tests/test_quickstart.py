@@ -17,7 +17,7 @@ import pytest
 
 from cs336.quickstart import Plan, _flags
 
-SCALE = 0.3  # CI's size: about 2-3 minutes on 2 CPU cores
+SCALE = 0.3  # CI's size: the small path of Plan.for_scale
 
 
 @pytest.fixture(scope="module")
@@ -55,12 +55,12 @@ def test_learning_happened_and_grpo_beats_sft(run_dir):
     ev = res["evaluation"]
     assert ev["pretrained"]["sampled"]["format_rate"] < 0.2 < ev["sft"]["sampled"]["format_rate"]  # SFT taught the format
     sft, grpo = ev["sft"]["sampled"], ev["grpo"]["sampled"]
-    # At this scale the pretrained LM is weak (SFT answers ~2-5 % right at T=1), so the held-out gain of
-    # GRPO is mostly in the format reward (+0.05..+0.17 in three runs) and the accuracy gain is within
-    # noise (+0.008..+0.047 on 150-500 problems). The default scale shows the accuracy gain (+0.14):
-    # docs/benchmarks.md. Here: the R1-Zero reward (format + answer) improved, accuracy did not drop.
-    assert grpo["format_rate"] + grpo["accuracy"] > sft["format_rate"] + sft["accuracy"], (sft, grpo)
-    assert grpo["accuracy"] >= sft["accuracy"] - 0.02, (sft, grpo)
+    # The small path (Plan.for_scale) puts the SFT model where the default run's is: right equations,
+    # often a wrong number after <answer> at T=1. GRPO then raised the held-out T=1 accuracy (the R1-Zero
+    # answer reward) by +0.06 to +0.14 over seeds 0-2 (docs/benchmarks.md); 0.03 is about 1.2 standard
+    # errors of a difference of two accuracies on 500 problems, so a no-effect run fails.
+    assert sft["accuracy"] >= 0.05, sft  # the arithmetic was learned: GRPO has a reward signal to use
+    assert grpo["accuracy"] >= sft["accuracy"] + 0.03, (sft, grpo)
     grpo = [json.loads(x) for x in (run_dir / "grpo" / "log.jsonl").read_text().splitlines()]
     assert [r for r in grpo if r.get("kind") == "train"]
 
