@@ -5,6 +5,9 @@
 #
 #   bash scripts/rl_recipe.sh            # all stages, in order (~30-40 min of H100 time)
 #   STAGES="sft grpo" bash scripts/rl_recipe.sh
+#   GRPO_ARGS="--max_minutes 5" bash scripts/rl_recipe.sh   # extra flags per stage: ZERO_SHOT_ARGS,
+#                                                            # SFT_ARGS, EI_ARGS, GRPO_ARGS, DPO_ARGS
+#   RUN="python3 -m cs336_alignment.cli" ...  # without uv (a machine with PYTHONPATH set instead)
 #
 # Stages:
 #   zero_shot  the baseline, sampled at temperature 1 like every later evaluation
@@ -12,50 +15,50 @@
 #   ei         expert iteration from the base model (sample 4 per question, keep correct, SFT)
 #   grpo       GRPO-Clip from the SFT model (off-policy: 2 epochs per rollout batch)
 #   dpo        (optional) DPO on a preference JSONL given as DPO_DATA=pairs.jsonl
-# Each writes runs/rl/<stage>/{log.jsonl,curves.png,config.json,eval_samples_*.jsonl,checkpoints/}.
-# Wall time of each stage goes to runs/rl/<stage>/wall_s.
+# Each writes $RL_OUT/<stage>/ (default runs/rl/<stage>/: {log.jsonl,curves.png,config.json,eval_samples_*.jsonl,checkpoints/}.
+# Wall time of each stage goes to $RL_OUT/<stage>/wall_s.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 MODEL=${MODEL:-../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf}
-OUT=${OUT:-runs/rl}
+RL_OUT=${RL_OUT:-runs/rl}
 STAGES=${STAGES:-"zero_shot sft ei grpo"}
-RUN=${RUN:-uv run}
-mkdir -p "$OUT"
+RUN=${RUN:-uv run cs336-alignment}
+mkdir -p "$RL_OUT"
 
 timed() {  # timed <stage> <command...>: run, record the wall time
   local stage=$1; shift
   local t0=$SECONDS
   "$@"
-  mkdir -p "$OUT/$stage"
-  echo $((SECONDS - t0)) > "$OUT/$stage/wall_s"
+  mkdir -p "$RL_OUT/$stage"
+  echo $((SECONDS - t0)) > "$RL_OUT/$stage/wall_s"
   echo "== $stage: $((SECONDS - t0)) s"
 }
 
 latest_policy() {  # the newest checkpoint's policy folder of a stage
-  ls -d "$OUT/$1"/checkpoints/step_*/policy | tail -n 1
+  ls -d "$RL_OUT/$1"/checkpoints/step_*/policy | tail -n 1
 }
 
 for stage in $STAGES; do
   case $stage in
     zero_shot)
-      timed zero_shot $RUN cs336-alignment evaluate --model "$MODEL" --dataset gsm8k --prompt r1_zero \
-        --temperature 1.0 --max-new-tokens 512 --out "$OUT/zero_shot" ;;
+      timed zero_shot $RUN evaluate --model "$MODEL" --dataset gsm8k --prompt r1_zero \
+        --temperature 1.0 --max-new-tokens 512 --out "$RL_OUT/zero_shot" ${ZERO_SHOT_ARGS:-} ;;
     sft)
-      timed sft $RUN cs336-alignment sft --preset smollm2-gsm8k --model "$MODEL" --out_dir "$OUT/sft" ;;
+      timed sft $RUN sft --preset smollm2-gsm8k --model "$MODEL" --out_dir "$RL_OUT/sft" ${SFT_ARGS:-} ;;
     ei)
-      timed ei $RUN cs336-alignment expert-iteration --preset smollm2-gsm8k --model "$MODEL" --out_dir "$OUT/ei" ;;
+      timed ei $RUN expert-iteration --preset smollm2-gsm8k --model "$MODEL" --out_dir "$RL_OUT/ei" ${EI_ARGS:-} ;;
     grpo)
-      timed grpo $RUN cs336-alignment grpo --preset smollm2-gsm8k --model "$(latest_policy sft)" --out_dir "$OUT/grpo" ;;
+      timed grpo $RUN grpo --preset smollm2-gsm8k --model "$(latest_policy sft)" --out_dir "$RL_OUT/grpo" ${GRPO_ARGS:-} ;;
     dpo)
       : "${DPO_DATA:?set DPO_DATA to a JSONL of prompt/chosen/rejected}"
-      timed dpo $RUN cs336-alignment dpo --model "$MODEL" --train_data "$DPO_DATA" --out_dir "$OUT/dpo" ;;
+      timed dpo $RUN dpo --model "$MODEL" --train_data "$DPO_DATA" --out_dir "$RL_OUT/dpo" ${DPO_ARGS:-} ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
 done
 
 # One line per stage: the last evaluation record (accuracy, format rate) and the wall time.
-python - "$OUT" <<'PY'
+${PYTHON:-python3} - "$RL_OUT" <<'PY'
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
 for stage in ("sft", "ei", "grpo"):

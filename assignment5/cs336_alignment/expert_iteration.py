@@ -56,6 +56,8 @@ class EIConfig:
     prompt: str = field("r1_zero", "prompt template")
     max_train_examples: int = field(0, "seeded random subset of the training questions (0 = all)")
     n_ei_steps: int = field(5, "expert-iteration steps")
+    max_minutes: float = field(0.0, "wall-clock budget: past it, the next step is the last "
+                               "(final evaluation + checkpoint; --resume continues) (0 = none)")
     questions_per_step: int = field(512, "questions sampled per EI step (the course's D_b: 512 / 1024 / 2048)")
     rollouts_per_question: int = field(4, "responses sampled per question (G)")
     sampling_temperature: float = field(1.0, "rollout temperature")
@@ -127,9 +129,11 @@ def train_expert_iteration(
     start = load_trainer_state(ckpt, optimizer)["step"] if ckpt is not None else 0
     log = RunLog(cfg.out_dir, cfg, resume=ckpt is not None, quiet=quiet)
     final: dict[str, Any] = {}
+    t_start = time.perf_counter()
 
     for step in range(start, cfg.n_ei_steps + 1):
-        last = step == cfg.n_ei_steps
+        out_of_time = cfg.max_minutes > 0 and time.perf_counter() - t_start > 60 * cfg.max_minutes
+        last = step == cfg.n_ei_steps or (out_of_time and step > start)
         if evaluator.prompts and (step == start or last or (cfg.eval_every > 0 and step % cfg.eval_every == 0)):
             final.update(evaluator.run(policy, log, step))
         if step > start and (last or (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0)):

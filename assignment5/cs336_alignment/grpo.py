@@ -67,6 +67,8 @@ class GRPOConfig:
     prompt: str = field("r1_zero", "prompt template (prompts/*.prompt)")
     max_train_examples: int = field(0, "use a seeded random subset of the training questions (0 = all)")
     n_grpo_steps: int = field(200, "rollout batches (GRPO steps)")
+    max_minutes: float = field(0.0, "wall-clock budget: past it, the next step is the last "
+                               "(final evaluation + checkpoint; --resume continues) (0 = none)")
     learning_rate: float = field(1e-5, "AdamW learning rate (constant after warm-up)")
     warmup_steps: int = field(0, "linear warm-up, in GRPO steps")
     weight_decay: float = field(0.0, "AdamW weight decay")
@@ -169,9 +171,11 @@ def train_grpo(
     micro_size = cfg.train_batch_size // cfg.gradient_accumulation_steps
     normalize_constant = cfg.normalize_constant or float(cfg.sampling_max_tokens)
     final: dict[str, Any] = {}
+    t_start = time.perf_counter()
 
     for step in range(start, cfg.n_grpo_steps + 1):
-        last = step == cfg.n_grpo_steps
+        out_of_time = cfg.max_minutes > 0 and time.perf_counter() - t_start > 60 * cfg.max_minutes
+        last = step == cfg.n_grpo_steps or (out_of_time and step > start)
         lr = warmup_constant_lr(step, cfg.learning_rate, cfg.warmup_steps)
         set_lr(optimizer, lr)
 

@@ -61,6 +61,20 @@ def test_grpo_off_policy_variant_runs_and_resumes(tmp_path):
     assert saved["config"]["loss_type"] == loss_type and saved["config"]["n_grpo_steps"] == 3
 
 
+def test_grpo_wall_clock_budget_ends_with_eval_and_checkpoint(tmp_path):
+    """Past --max_minutes the next step is the last: final evaluation and checkpoint, then --resume goes on."""
+    kw = {"n_grpo_steps": 50, "max_minutes": 1e-9, "rollout_batch_size": 16, "train_batch_size": 16}
+    args = {"reward_fn": toy_task.digit_reward, "train_examples": toy_task.digit_examples(8),
+                "eval_examples": toy_task.digit_examples(4), "quiet": True}
+    train_grpo(_cfg(tmp_path, **kw), policy=toy_task.toy_policy(), **args)
+    log = tmp_path / "grpo" / "log.jsonl"
+    assert [r["step"] for r in read_log(log, "train")] == [1]  # at least one step, then out of time
+    assert [e["step"] for e in read_log(log, "eval")] == [0, 1]
+    assert (tmp_path / "grpo" / "checkpoints" / "step_0000001").is_dir()
+    train_grpo(_cfg(tmp_path, **{**kw, "resume": True}), **args)
+    assert [r["step"] for r in read_log(log, "train")] == [1, 2]
+
+
 def test_grpo_cli_maps_onto_config():
     cfg = parse_config(GRPOConfig, ["--model", "m", "--loss_type", "grpo_clip", "--no-use_std_normalization",
                                     "--stop", "</answer>", "###", "--group_size", "4", "--rollout_batch_size", "16",
