@@ -3,6 +3,7 @@ tinystories-17m training step with flash vs SDPA attention. Results go to stdout
 
     uv run cs336-systems flash-bench leaderboard sweep model --out flash.json
 
+* tiles: every fitting candidate tile config of each kernel timed alone at the leaderboard shape.
 * leaderboard: causal, bf16, q, k, v of shape (16, 16384, 64) as views of one
   ``randn(3, 16, 16384, 64, requires_grad=True)`` leaf, ``o.sum().backward()``, grads never zeroed,
   ``triton.testing.do_bench`` median; ours against SDPA's flash and cuDNN backends and naive
@@ -161,6 +162,63 @@ def leaderboard(heads=16, seq=16384, d=64, warmup_ms=200, rep_ms=1000, naive=Tru
     return res
 
 
+def tiles(candidates: dict[str, list[tuple]], fixed: dict[str, tuple], kernels=None, heads=16, seq=16384, d=64,
+          warmup_ms=25, rep_ms=100, log=True) -> list[dict]:
+    """Each kernel's tile configs timed at the leaderboard shape (bf16, causal, dO = ones).
+
+    `candidates` and `fixed` map "fwd" / "dkdv" / "dq" to ``(BLOCK_M, BLOCK_N, warps, stages)``.
+    "fwd" rows time ``flash_fwd``; "dkdv" and "dq" rows time the whole ``flash_bwd`` (preprocess,
+    dK/dV, dQ) with that kernel's config varied and the other's fixed, so differences between rows
+    are the kernel's. Each row also has the error of its outputs against the `fixed` configs' outputs
+    (a kernel bug shows as an error far above bf16 rounding, ~1e-3). `kernels`: the module (default
+    ``cs336_systems.flash_kernels``; another copy of it can be timed against it in the same process).
+    """
+    from cs336_systems import flash_kernels
+
+    fk = kernels or flash_kernels
+    cfg = lambda t: fk.triton.Config({"BLOCK_M": t[0], "BLOCK_N": t[1]}, num_warps=t[2], num_stages=t[3])
+    torch.manual_seed(0)
+    x = torch.randn(3, heads, seq, d, device="cuda", dtype=torch.bfloat16)
+    q, k, v = (t.unsqueeze(1) for t in x)  # (heads, 1, T, D): the leaderboard's views, as the Function passes them
+    do = torch.ones_like(q)
+    fk.FORCE_CONFIG.clear()
+    fk.FORCE_CONFIG.update({n: cfg(t) for n, t in fixed.items()})
+    o_ref, L = fk.flash_fwd(q, k, v, True)
+    grads_ref = fk.flash_bwd(q, k, v, o_ref, L, do, True)
+    rows = []
+    for name, cands in candidates.items():
+        for t in cands:
+            fk.FORCE_CONFIG.update({n: cfg(c) for n, c in fixed.items()} | {name: cfg(t)})
+            row = {"kernel": name, "config": fk.config_name(fk.FORCE_CONFIG[name])}
+            try:
+                if name == "fwd":
+                    fn = lambda: fk.flash_fwd(q, k, v, True)
+                    outs, refs = fn()[:1], (o_ref,)
+                else:
+                    fn = lambda: fk.flash_bwd(q, k, v, o_ref, L, do, True)
+                    outs, refs = fn(), grads_ref
+                row["max_rel_err_vs_fixed"] = max(rel_err(a, b.double()) for a, b in zip(outs, refs))
+                row["nan"] = any(bool(a.isnan().any()) for a in outs)
+                row["ms"] = _bench(fn, warmup_ms, rep_ms)
+            except Exception as e:  # noqa: BLE001  (a config that does not compile or launch is a row, not the end)
+                row["error"] = f"{type(e).__name__}: {e}"[:300]
+            rows.append(row)
+            if log:
+                print("tiles", json.dumps(row), flush=True)
+    fk.FORCE_CONFIG.clear()
+    return rows
+
+
+def tile_candidates(d=64, dtype=torch.bfloat16) -> tuple[dict, dict]:
+    """The kernels' fitting candidate configs for (d, dtype) as `tiles` tuples, and the first of each."""
+    from cs336_systems import flash_kernels as fk
+
+    lists = {"fwd": fk.FWD_CONFIGS, "dkdv": fk.DKDV_CONFIGS, "dq": fk.DQ_CONFIGS}
+    cands = {n: [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                 for c in fk._candidates(cl, d, dtype)] for n, cl in lists.items()}
+    return cands, {n: c[0] for n, c in cands.items()}
+
+
 def sweep(seqs, dims, dtypes, warmup_ms=5, rep_ms=25) -> list[dict]:
     rows = []
     for dtype_name in dtypes:
@@ -246,14 +304,26 @@ def _warm(task) -> str:
     return f"{task} {time.time() - t:.1f}s"
 
 
-def prewarm(tasks, workers: int = 12) -> None:
-    """Compile the kernels of `tasks` in parallel processes; they land in Triton's disk cache."""
+def _warm_tile(task) -> str:
+    """Compile one `tiles` row's kernels (module name, kernel name, config, fixed configs) at a small shape."""
+    import importlib
+
+    module, name, config, fixed = task
+    t = time.time()
+    row = tiles({name: [config]}, fixed, importlib.import_module(module), heads=2, seq=256, warmup_ms=1, rep_ms=1,
+                log=False)[0]
+    return f"{module} {name} {config} {time.time() - t:.1f}s {row.get('error', '')}"
+
+
+def prewarm(tasks, workers: int = 12, warm=_warm) -> None:
+    """Compile the kernels of `tasks` in parallel processes (``warm(task)`` in each); they land in
+    Triton's disk cache."""
     t = time.time()
     env_autotune = os.environ.get("CS336_FLASH_AUTOTUNE")
     os.environ["CS336_FLASH_AUTOTUNE"] = "0"  # children: no tuning, just the forced/first config
     try:
         with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=get_context("spawn")) as ex:
-            for line in ex.map(_warm, tasks):
+            for line in ex.map(warm, tasks):
                 print("prewarm", line, flush=True)
     finally:
         if env_autotune is None:
@@ -282,7 +352,7 @@ def prewarm_tasks(what: list[str], dims, dtypes) -> list[tuple]:
 def cli_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="cs336-systems flash-bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", nargs="+", choices=("leaderboard", "sweep", "model"))
+    p.add_argument("what", nargs="+", choices=("leaderboard", "tiles", "sweep", "model"))
     p.add_argument("--out", default="flash_bench.json", help="JSON results file")
     p.add_argument("--seqs", default=",".join(str(2**i) for i in range(7, 17)), help="sweep sequence lengths")
     p.add_argument("--dims", default="16,32,64,128", help="sweep head dims")
@@ -298,6 +368,10 @@ def cli_main(argv: list[str] | None = None) -> int:
     dtypes = args.dtypes.split(",")
     if args.prewarm:
         prewarm(prewarm_tasks(args.what, dims, dtypes), args.prewarm)
+    cands, fixed = tile_candidates()
+    if args.prewarm and "tiles" in args.what:
+        tasks = [("cs336_systems.flash_kernels", n, t, fixed) for n, ts in cands.items() for t in ts]
+        prewarm(tasks, args.prewarm, warm=_warm_tile)
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     import triton
 
@@ -309,6 +383,9 @@ def cli_main(argv: list[str] | None = None) -> int:
 
     if "leaderboard" in args.what:
         results["leaderboard"] = leaderboard(naive=not args.no_naive)
+        save()
+    if "tiles" in args.what:
+        results["tiles"] = tiles(cands, fixed)
         save()
     if "model" in args.what:
         results["model"] = model_step()

@@ -37,7 +37,7 @@ LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 
 @triton.jit
 def _fwd_inner(
-    acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, lo, hi, N_K, qk_scale,
+    acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, offs_d, lo, hi, N_K, qk_scale,
     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
 ):
     """Online-softmax update of (acc, l_i, m_i) over key tiles [lo, hi); m_i is in base-2 units."""
@@ -47,9 +47,9 @@ def _fwd_inner(
         offs_n = start_n + offs_nb
         if MASKED:
             in_k = offs_n[:, None] < N_K
-            k = tl.load(k_ptrs + start_n * stride_kn, mask=in_k, other=0.0)
+            k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :], mask=in_k, other=0.0)
         else:
-            k = tl.load(k_ptrs + start_n * stride_kn)
+            k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :])
         qk = tl.dot(q, tl.trans(k))  # (BLOCK_M, BLOCK_N), fp32 accumulation
         if MASKED:
             valid = offs_n[None, :] < N_K
@@ -64,12 +64,11 @@ def _fwd_inner(
         p = tl.math.exp2(qk)
         alpha = tl.math.exp2(m_i - m_ij)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
         if MASKED:
-            v = tl.load(v_ptrs + start_n * stride_vn, mask=in_k, other=0.0)
+            v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :], mask=in_k, other=0.0)
         else:
-            v = tl.load(v_ptrs + start_n * stride_vn)
-        acc = tl.dot(p.to(v.dtype), v, acc)
+            v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :])
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_ij
     return acc, l_i, m_i
 
@@ -99,12 +98,9 @@ def _fwd_kernel(
 
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     in_q = offs_m[:, None] < N_Q
     q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :], mask=in_q, other=0.0)
-    k_ptrs = K + offs_n[:, None] * stride_kn + offs_d[None, :]
-    v_ptrs = V + offs_n[:, None] * stride_vn + offs_d[None, :]
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -117,9 +113,9 @@ def _fwd_kernel(
     else:
         lo_masked = full_k
         hi = N_K
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m,
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, offs_d,
                                0, lo_masked, N_K, qk_scale, BLOCK_N, False, IS_CAUSAL)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m,
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, offs_d,
                                lo_masked, hi, N_K, qk_scale, BLOCK_N, True, IS_CAUSAL)
     o = acc / l_i[:, None]
     tl.store(O + offs_m[:, None] * stride_om + offs_d[None, :], o.to(O.dtype.element_ty), mask=in_q)
@@ -156,35 +152,44 @@ def _bwd_preprocess(
 
 
 @triton.jit
+def _load_q_rows(Q, DO, stride_qm, stride_dom, LSE2, Delta, offs_m, offs_d, N_Q, MASKED: tl.constexpr):
+    """Rows offs_m of Q, dO, lse2 and Delta (rows past N_Q: zeros, and lse2 = +inf so P = 0)."""
+    if MASKED:
+        in_q = offs_m < N_Q
+        q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :], mask=in_q[:, None], other=0.0)
+        do = tl.load(DO + offs_m[:, None] * stride_dom + offs_d[None, :], mask=in_q[:, None], other=0.0)
+        lse2 = tl.load(LSE2 + offs_m, mask=in_q, other=float("inf"))
+        delta = tl.load(Delta + offs_m, mask=in_q, other=0.0)
+    else:
+        q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :])
+        do = tl.load(DO + offs_m[:, None] * stride_dom + offs_d[None, :])
+        lse2 = tl.load(LSE2 + offs_m)
+        delta = tl.load(Delta + offs_m)
+    return q, do, lse2, delta
+
+
+@triton.jit
 def _bwd_dkdv_inner(
-    dk, dv, k, v, q_ptrs, do_ptrs, stride_qm, stride_dom, LSE2, Delta, offs_n, lo, hi, N_Q, qk_scale,
+    dk, dv, k, v, Q, DO, stride_qm, stride_dom, LSE2, Delta, offs_n, offs_d, lo, hi, N_Q, qk_scale,
     BLOCK_M: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
 ):
-    """Accumulate dK, dV of one key tile over query tiles [lo, hi) (P^T computed transposed)."""
+    """Accumulate dK, dV of one key tile over query tiles [lo, hi) (P^T computed transposed).
+
+    Both score dots come first: the dV dot then runs on the tensor cores while dS is computed
+    (Triton waits at once on a dot whose result the same iteration uses, so only the two
+    accumulating dots overlap other work).
+    """
     offs_mb = tl.arange(0, BLOCK_M)
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         offs_m = start_m + offs_mb
-        if MASKED:
-            in_q = offs_m < N_Q
-            q = tl.load(q_ptrs + start_m * stride_qm, mask=in_q[:, None], other=0.0)
-            # lse2 = +inf on rows past N_Q makes their P exactly 0
-            lse2 = tl.load(LSE2 + offs_m, mask=in_q, other=float("inf"))
-        else:
-            q = tl.load(q_ptrs + start_m * stride_qm)
-            lse2 = tl.load(LSE2 + offs_m)
+        q, do, lse2, delta = _load_q_rows(Q, DO, stride_qm, stride_dom, LSE2, Delta, offs_m, offs_d, N_Q, MASKED)
         qkT = tl.dot(k, tl.trans(q))  # (BLOCK_N, BLOCK_M)
-        pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
-        if MASKED:
-            if IS_CAUSAL:
-                pT = tl.where(offs_m[None, :] >= offs_n[:, None], pT, 0.0)
-            do = tl.load(do_ptrs + start_m * stride_dom, mask=in_q[:, None], other=0.0)
-            delta = tl.load(Delta + offs_m, mask=in_q, other=0.0)
-        else:
-            do = tl.load(do_ptrs + start_m * stride_dom)
-            delta = tl.load(Delta + offs_m)
-        dv = tl.dot(pT.to(do.dtype), do, dv)
         dpT = tl.dot(v, tl.trans(do))
+        pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
+        if MASKED and IS_CAUSAL:
+            pT = tl.where(offs_m[None, :] >= offs_n[:, None], pT, 0.0)
+        dv = tl.dot(pT.to(do.dtype), do, dv)
         dsT = pT * (dpT - delta[None, :])
         dk = tl.dot(dsT.to(q.dtype), q, dk)
     return dk, dv
@@ -217,30 +222,27 @@ def _bwd_dkdv(
     Delta += off_zh.to(tl.int64) * N_Q
 
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     in_k = offs_n[:, None] < N_K
     k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :], mask=in_k, other=0.0)
     v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :], mask=in_k, other=0.0)
-    q_ptrs = Q + offs_m[:, None] * stride_qm + offs_d[None, :]
-    do_ptrs = DO + offs_m[:, None] * stride_dom + offs_d[None, :]
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     full_q = (N_Q // BLOCK_M) * BLOCK_M
     if IS_CAUSAL:
         # queries < start_n see none of these keys; [start_n, start_n + BLOCK_N) is the diagonal
         diag_hi = tl.minimum(start_n + BLOCK_N, N_Q)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, stride_qm, stride_dom, LSE2, Delta, offs_n,
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q, DO, stride_qm, stride_dom, LSE2, Delta, offs_n, offs_d,
                                  start_n, diag_hi, N_Q, qk_scale, BLOCK_M, True, True)
         lo = tl.maximum(start_n + BLOCK_N, full_q)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, stride_qm, stride_dom, LSE2, Delta, offs_n,
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q, DO, stride_qm, stride_dom, LSE2, Delta, offs_n, offs_d,
                                  start_n + BLOCK_N, lo, N_Q, qk_scale, BLOCK_M, False, False)
     else:
         lo = full_q
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, stride_qm, stride_dom, LSE2, Delta, offs_n,
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q, DO, stride_qm, stride_dom, LSE2, Delta, offs_n, offs_d,
                                  0, lo, N_Q, qk_scale, BLOCK_M, False, False)
     # ragged tail of the queries (rows >= N_Q masked out)
-    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, stride_qm, stride_dom, LSE2, Delta, offs_n,
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q, DO, stride_qm, stride_dom, LSE2, Delta, offs_n, offs_d,
                              lo, N_Q, N_Q, qk_scale, BLOCK_M, True, False)
     tl.store(DK + offs_n[:, None] * stride_dkn + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty), mask=in_k)
     tl.store(DV + offs_n[:, None] * stride_dvn + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=in_k)
@@ -248,7 +250,7 @@ def _bwd_dkdv(
 
 @triton.jit
 def _bwd_dq_inner(
-    dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, lo, hi, N_K, qk_scale,
+    dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, offs_m, offs_d, lo, hi, N_K, qk_scale,
     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
 ):
     """Accumulate dQ of one query tile over key tiles [lo, hi)."""
@@ -258,19 +260,19 @@ def _bwd_dq_inner(
         offs_n = start_n + offs_nb
         if MASKED:
             in_k = offs_n[:, None] < N_K
-            k = tl.load(k_ptrs + start_n * stride_kn, mask=in_k, other=0.0)
-            v = tl.load(v_ptrs + start_n * stride_vn, mask=in_k, other=0.0)
+            k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :], mask=in_k, other=0.0)
+            v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :], mask=in_k, other=0.0)
         else:
-            k = tl.load(k_ptrs + start_n * stride_kn)
-            v = tl.load(v_ptrs + start_n * stride_vn)
+            k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :])
+            v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :])
         qk = tl.dot(q, tl.trans(k))
+        dp = tl.dot(do, tl.trans(v))
         p = tl.math.exp2(qk * qk_scale - lse2[:, None])
         if MASKED:
             valid = offs_n[None, :] < N_K
             if IS_CAUSAL:
                 valid = valid & (offs_m[:, None] >= offs_n[None, :])
             p = tl.where(valid, p, 0.0)
-        dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq)
     return dq
@@ -304,15 +306,12 @@ def _bwd_dq(
 
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     in_q = offs_m < N_Q
     q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :], mask=in_q[:, None], other=0.0)
     do = tl.load(DO + offs_m[:, None] * stride_dom + offs_d[None, :], mask=in_q[:, None], other=0.0)
     lse2 = tl.load(LSE2 + offs_m, mask=in_q, other=0.0)
     delta = tl.load(Delta + offs_m, mask=in_q, other=0.0)
-    k_ptrs = K + offs_n[:, None] * stride_kn + offs_d[None, :]
-    v_ptrs = V + offs_n[:, None] * stride_vn + offs_d[None, :]
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     full_k = (N_K // BLOCK_N) * BLOCK_N
     if IS_CAUSAL:
@@ -321,9 +320,9 @@ def _bwd_dq(
     else:
         lo_masked = full_k
         hi = N_K
-    dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m,
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, offs_m, offs_d,
                        0, lo_masked, N_K, qk_scale, BLOCK_N, False, IS_CAUSAL)
-    dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m,
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, offs_m, offs_d,
                        lo_masked, hi, N_K, qk_scale, BLOCK_N, True, IS_CAUSAL)
     tl.store(DQ + offs_m[:, None] * stride_dqm + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=in_q[:, None])
@@ -337,21 +336,25 @@ def _cfg(bm: int, bn: int, warps: int, stages: int) -> triton.Config:
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
 
 
-# Candidates per kernel, best guess first (the first one that fits is used untuned). For the
-# causal split, BLOCK_M must be a multiple of BLOCK_N in the forward and dQ kernels, and BLOCK_N a
-# multiple of BLOCK_M in the dK/dV kernel.
+# Candidates per kernel, best guess first (the first one that fits is used untuned; the autotuner
+# times the first MAX_TUNED_CONFIGS that fit). For the causal split, BLOCK_M must be a multiple of
+# BLOCK_N in the forward and dQ kernels, and BLOCK_N a multiple of BLOCK_M in the dK/dV kernel.
+# Order: the H100 timings of each config at the leaderboard shape (docs/benchmarks.md, run 3) for
+# bf16 d <= 64; the first fitting config for fp32 and d = 128 kept as GPU-checked in run 1.
 FWD_CONFIGS = [
-    _cfg(128, 64, 4, 3), _cfg(128, 128, 8, 3), _cfg(128, 64, 8, 3), _cfg(128, 64, 4, 4), _cfg(128, 128, 8, 4),
-    _cfg(128, 64, 4, 2), _cfg(128, 32, 4, 3), _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 2), _cfg(32, 32, 4, 2),
-    _cfg(16, 16, 4, 2),
+    _cfg(128, 64, 8, 3), _cfg(128, 64, 8, 4), _cfg(128, 64, 4, 3), _cfg(128, 128, 8, 3), _cfg(128, 64, 4, 4),
+    _cfg(128, 32, 4, 3), _cfg(64, 64, 4, 3), _cfg(128, 128, 8, 4), _cfg(128, 64, 4, 2), _cfg(64, 32, 4, 2),
+    _cfg(32, 32, 4, 2), _cfg(16, 16, 4, 2),
 ]
 DKDV_CONFIGS = [
-    _cfg(64, 128, 8, 4), _cfg(64, 128, 8, 3), _cfg(32, 128, 4, 4), _cfg(128, 128, 8, 2), _cfg(64, 64, 4, 4),
-    _cfg(32, 128, 8, 4), _cfg(64, 64, 4, 3), _cfg(32, 64, 4, 2), _cfg(32, 32, 4, 2), _cfg(16, 16, 4, 2),
+    _cfg(64, 128, 8, 4), _cfg(64, 128, 8, 3), _cfg(32, 128, 4, 4), _cfg(64, 64, 4, 4), _cfg(128, 128, 8, 2),
+    _cfg(32, 128, 8, 4), _cfg(32, 128, 8, 3), _cfg(64, 64, 4, 3), _cfg(32, 64, 4, 2), _cfg(32, 32, 4, 2),
+    _cfg(16, 16, 4, 2),
 ]
 DQ_CONFIGS = [
-    _cfg(128, 64, 8, 3), _cfg(128, 32, 4, 4), _cfg(128, 32, 8, 4), _cfg(128, 64, 8, 4), _cfg(128, 128, 8, 2),
-    _cfg(64, 64, 4, 4), _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 2), _cfg(32, 32, 4, 2), _cfg(16, 16, 4, 2),
+    _cfg(128, 64, 4, 3), _cfg(128, 32, 4, 4), _cfg(128, 64, 8, 3), _cfg(128, 32, 8, 4), _cfg(128, 32, 8, 3),
+    _cfg(64, 64, 4, 3), _cfg(64, 64, 4, 4), _cfg(128, 64, 8, 4), _cfg(128, 128, 8, 2), _cfg(64, 32, 4, 2),
+    _cfg(32, 32, 4, 2), _cfg(16, 16, 4, 2),
 ]
 # (BLOCK_M, BLOCK_N) in the interpreter: small, so CPU tests cross several tiles at tiny sizes
 INTERPRET_TILES = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}
