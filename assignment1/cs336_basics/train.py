@@ -42,6 +42,7 @@ from cs336_basics.data import check_token_range, eval_batches, get_batch, load_t
 from cs336_basics.model import TransformerLM
 from cs336_basics.nn_utils import clip_grad_norm, cross_entropy
 from cs336_basics.optimizer import AdamW, cosine_lr
+from cs336_basics.triton_support import kernels_for
 
 # Dense bf16 peak (TFLOP/s) by GPU name; fp32 runs use TF32 peaks (half). Unknown GPUs: no MFU.
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0,
@@ -212,9 +213,11 @@ def train(cfg: TrainConfig, strategy=None) -> dict:
     if ckpt is not None:
         load_model_state(model, ckpt["model"], name=f"checkpoint {resume_from}")
     raw_model = model
-    loss_fn = cross_entropy
-    if cfg.compile:  # the loss separately too: fused, it reads the (B, T, V) logits once instead of ~10 times
-        model, loss_fn = torch.compile(model), torch.compile(cross_entropy)
+    loss_fn = cross_entropy  # on CUDA its Triton kernels: faster than inductor's fusion (docs/benchmarks.md)
+    if cfg.compile:
+        model = torch.compile(model)
+        if kernels_for(device, "fused_cross_entropy") is None:  # inductor: ~2 passes over the logits, not ~10
+            loss_fn = torch.compile(cross_entropy)
     if strategy is not None:
         model = strategy.wrap_model(model)
     adamw_kwargs = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps, "weight_decay": cfg.weight_decay}
