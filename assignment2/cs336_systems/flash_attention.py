@@ -20,9 +20,9 @@ shape of Q without its last dimension, in natural-log units.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
+from cs336_basics.triton_support import interpreting
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -136,9 +136,7 @@ class FlashAttentionPytorch(torch.autograd.Function):
 
 def triton_available(device: torch.device) -> bool:
     """The Triton kernels run on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``."""
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+    return device.type == "cuda" or (device.type == "cpu" and interpreting())
 
 
 def _check_triton_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

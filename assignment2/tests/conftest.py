@@ -1,8 +1,8 @@
-import os
 from pathlib import Path
 
 import pytest
 from cs336_basics.paths import shared_data_dir
+from cs336_basics.triton_support import deselect_interpreter_tests
 
 
 @pytest.fixture(scope="session")
@@ -15,11 +15,5 @@ def shared_data() -> Path:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """The ``test_interp_*`` Triton tests run in a ``TRITON_INTERPRET=1`` child pytest process
-    (started by ``test_triton_kernels_in_interpreter``), since the interpreter must be switched on
-    before triton is imported; in the parent they are deselected rather than reported as skipped."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return
-    child_only = [item for item in items if item.name.startswith("test_interp_")]
-    if child_only:
-        config.hook.pytest_deselected(items=child_only)
-        items[:] = [item for item in items if not item.name.startswith("test_interp_")]
+    (started by ``test_triton_kernels_in_interpreter``); in the parent they are deselected."""
+    deselect_interpreter_tests(config, items)

@@ -3,26 +3,23 @@
 The Triton kernels run on CPU under ``TRITON_INTERPRET=1``. Triton reads that variable when a
 kernel is decorated, i.e. when ``cs336_systems.flash_kernels`` is first imported, so those cases
 run in a child pytest process with the variable set (``test_triton_kernels_in_interpreter``);
-in this process they are skipped. The GPU twin at real sizes is ``scripts/gpu_flash_check.py``.
+in this process they are deselected (conftest). The GPU twin at real sizes is ``scripts/gpu_flash_check.py``.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from cs336_basics.triton_support import interpreting, run_interpreter_tests
 from cs336_systems.flash_attention import (
     FlashAttentionPytorch,
     FlashAttentionTriton,
     flash_attn_mha,
 )
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRETING = interpreting()
 interp_only = pytest.mark.skipif(not INTERPRETING, reason="runs in the TRITON_INTERPRET=1 child process")
 
 # (q shape, n_k): 3-D is the adapter contract (batch, seq, d), 4-D adds heads; ragged lengths
@@ -159,11 +156,6 @@ def test_interp_flash_attn_mha_strided_heads():
 @pytest.mark.skipif(INTERPRETING, reason="this is the parent of the interpreter run")
 def test_triton_kernels_in_interpreter():
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    here = Path(__file__)
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(here), "-k", "interp_"],
-        check=False, cwd=here.parent.parent, env=env, capture_output=True, text=True, timeout=600,
-    )
+    proc = run_interpreter_tests(__file__)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-2000:]
