@@ -39,16 +39,18 @@ def cross_entropy_torch(logits: Tensor, targets: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def clip_grad_norm(params: Iterable[torch.nn.Parameter], max_norm: float, eps: float = 1e-6) -> float:
+def clip_grad_norm(params: Iterable[torch.nn.Parameter], max_norm: float, eps: float = 1e-6) -> torch.Tensor:
     """Scale all gradients in place so that their global L2 norm is at most ``max_norm``.
 
-    Returns the norm before clipping. The scale ``min(1, max_norm / (norm + eps))`` is applied as
-    a tensor, so the only host sync is the final ``.item()``.
+    Returns the norm before clipping as a 0-dim fp32 tensor (as ``torch.nn.utils.clip_grad_norm_``
+    does). The scale ``min(1, max_norm / (norm + eps))`` is applied as a tensor too, so nothing here
+    waits for the GPU: the optimizer step can be queued right behind the backward. Call
+    ``float(norm)`` where the number is needed (that syncs).
     """
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
-        return 0.0
+        return torch.zeros(())
     total = torch.stack(torch._foreach_norm(grads)).float().norm(2)  # sqrt(Σ ||g_i||²), one kernel per list
     scale = (max_norm / (total + eps)).clamp(max=1.0)
     torch._foreach_mul_(grads, scale)
-    return total.item()  # .item() syncs with the GPU
+    return total

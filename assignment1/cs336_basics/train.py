@@ -333,6 +333,7 @@ def train(cfg: TrainConfig, strategy=None) -> dict:
         # ---- log (the .item() syncs with the GPU)
         if step % cfg.log_interval == 0 or step + 1 == cfg.max_steps:
             last_loss = loss_sum.item()
+            grad_norm = float(grad_norm)  # a 0-dim tensor from clip_grad_norm; synced with the loss
             if strategy is not None:
                 last_loss = strategy.all_reduce_mean(last_loss)
             if not math.isfinite(last_loss):
