@@ -219,6 +219,10 @@ def cli_main(argv: list[str] | None = None) -> int:
                              compute_dtype=args.compute_dtype, timeout_s=args.dist_timeout)
     try:
         result = train(cfg, strategy)
+        if dist.is_initialized():
+            # every rank leaves together: a rank that tears down its gloo pairs while a peer is
+            # still finishing (rank 0 writes the last checkpoint) can abort the peer's exit
+            dist.barrier()
     except (TrainingStopped, CheckpointError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
