@@ -5,7 +5,7 @@
 #
 #   mixed      cs336-systems mixed-precision (fp16 autocast on the GPU)
 #   eager      model sizes x {fp32, bf16}, eager, context 512, batch 4: fwd / bwd / optimizer step
-#   compiled   small, medium x {fp32, bf16}, each block torch.compile'd (compile time is costly)
+#   compiled   small .. 2.7B x {bf16, fp32}, each block torch.compile'd (compile time is costly: use STAGE_DEADLINE)
 #   profile    small, bf16 and fp32: torch.profiler top kernels (+ NVTX ranges)
 #   memory     2.7B at contexts 128/256/512 x {fp32, bf16} x {forward, train}: peaks + timelines
 #   attention  naive vs compiled vs SDPA (vs our FlashAttention), seq 256..16384 x d 16..128
@@ -42,7 +42,7 @@ for stage in "${stages[@]}"; do
     mixed) "${limit[@]}" $PY -m cs336_systems.cli mixed-precision --json "$RUN/mixed/mixed_precision.json" ;;
     eager) bench --size small medium large xl 2.7B --dtype fp32 bf16 --context-length 512 \
              --batch-size 4 --warmup 2 --steps 3 --out "$RUN/eager" ;;
-    compiled) bench --size small medium --dtype bf16 fp32 --compile blocks --context-length 512 \
+    compiled) bench --size small medium large xl 2.7B --dtype bf16 fp32 --compile blocks --context-length 512 \
                 --batch-size 4 --warmup 2 --steps 3 --out "$RUN/compiled" ;;
     profile) bench --size small --dtype bf16 fp32 --context-length 512 --warmup 2 --steps 3 \
                --profile --nvtx --out "$RUN/profile" ;;
