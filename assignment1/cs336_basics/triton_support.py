@@ -23,12 +23,15 @@ def import_kernels(name: str) -> ModuleType | None:
         return None
 
 
+def runs_on(device: torch.device) -> bool:
+    """Whether Triton kernels can take tensors on ``device``: CUDA, or CPU under the interpreter."""
+    return device.type == "cuda" or (device.type == "cpu" and interpreting())
+
+
 def kernels_for(device: torch.device, name: str) -> ModuleType | None:
     """`import_kernels` for tensors on ``device``; None where they cannot run (Triton is then
     not imported at all, as on CPU-only runs)."""
-    if device.type == "cuda" or (device.type == "cpu" and interpreting()):
-        return import_kernels(name)
-    return None
+    return import_kernels(name) if runs_on(device) else None
 
 
 # ---- tests: Triton reads TRITON_INTERPRET when it is imported, so the CPU twins of the kernel

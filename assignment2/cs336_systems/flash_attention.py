@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 
 import torch
-from cs336_basics.triton_support import interpreting
+from cs336_basics.triton_support import runs_on as triton_runs_on
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -134,11 +134,6 @@ class FlashAttentionPytorch(torch.autograd.Function):
         return dQ.to(Q.dtype), dK.to(K.dtype), dV.to(V.dtype), None
 
 
-def triton_available(device: torch.device) -> bool:
-    """The Triton kernels run on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``."""
-    return device.type == "cuda" or (device.type == "cpu" and interpreting())
-
-
 def _check_triton_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     check_attention_inputs(q, k, v)
     if q.dim() not in (3, 4):
@@ -147,7 +142,7 @@ def _check_triton_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> N
         raise ValueError(f"head dim {q.shape[-1]} unsupported by the Triton kernels (supported: {SUPPORTED_HEAD_DIMS})")
     if q.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"dtype {q.dtype} unsupported by the Triton kernels (supported: {SUPPORTED_DTYPES})")
-    if not triton_available(q.device):
+    if not triton_runs_on(q.device):
         raise ValueError(
             f"the Triton kernels need CUDA tensors (or CPU tensors with TRITON_INTERPRET=1); got {q.device}"
         )
@@ -200,6 +195,6 @@ def flash_attn_mha(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal:
     if torch.is_autocast_enabled(q.device.type):
         dt = torch.get_autocast_dtype(q.device.type)
         q, k, v = q.to(dt), k.to(dt), v.to(dt)
-    if triton_available(q.device):
+    if triton_runs_on(q.device):
         return FlashAttentionTriton.apply(q, k, v, is_causal)
     return FlashAttentionPytorch.apply(q, k, v, is_causal)
