@@ -12,8 +12,8 @@
 # Stages:
 #   zero_shot  the baseline, sampled at temperature 1 like every later evaluation
 #   sft        SFT on GSM8K train answers rendered as r1_zero traces (teaches the format)
-#   ei         expert iteration from the base model (sample 4 per question, keep correct, SFT)
-#   grpo       GRPO-Clip from the SFT model (off-policy: 2 epochs per rollout batch)
+#   ei         expert iteration from the SFT model (sample 8 per question, keep correct, SFT)
+#   grpo       GRPO-Clip from the SFT model (groups of 32; off-policy: 2 optimizer steps per rollout batch)
 #   dpo        (optional) DPO on a preference JSONL given as DPO_DATA=pairs.jsonl
 # Each writes $RL_OUT/<stage>/ (default runs/rl/<stage>/: {log.jsonl,curves.png,config.json,eval_samples_*.jsonl,checkpoints/}.
 # Wall time of each stage goes to $RL_OUT/<stage>/wall_s.
@@ -47,7 +47,7 @@ for stage in $STAGES; do
     sft)
       timed sft $RUN sft --preset smollm2-gsm8k --model "$MODEL" --out_dir "$RL_OUT/sft" ${SFT_ARGS:-} ;;
     ei)
-      timed ei $RUN expert-iteration --preset smollm2-gsm8k --model "$MODEL" --out_dir "$RL_OUT/ei" ${EI_ARGS:-} ;;
+      timed ei $RUN expert-iteration --preset smollm2-gsm8k --model "$(latest_policy sft)" --out_dir "$RL_OUT/ei" ${EI_ARGS:-} ;;
     grpo)
       timed grpo $RUN grpo --preset smollm2-gsm8k --model "$(latest_policy sft)" --out_dir "$RL_OUT/grpo" ${GRPO_ARGS:-} ;;
     dpo)

@@ -92,9 +92,12 @@ class EIConfig:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "smollm2-gsm8k": {"n_ei_steps": 5, "questions_per_step": 1024, "rollouts_per_question": 4, "sft_epochs": 1,
+    # Meant to start from the SFT model (scripts/rl_recipe.sh): the base model almost never produces
+    # the r1_zero format, so it has no correct samples to keep.
+    "smollm2-gsm8k": {"n_ei_steps": 5, "questions_per_step": 1024, "rollouts_per_question": 8, "sft_epochs": 1,
                           "batch_size": 64, "gradient_accumulation_steps": 4, "learning_rate": 2e-5,
-                          "sampling_max_tokens": 512, "eval_max_tokens": 512, "eval_examples": 0},
+                          "sampling_max_tokens": 512, "eval_max_tokens": 512, "eval_examples": 0,
+                          "rollout_max_batch_size": 1024},
 }
 
 
