@@ -27,8 +27,7 @@ import os
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from functools import lru_cache
-from itertools import compress, count, filterfalse, pairwise, repeat
-from operator import is_
+from itertools import filterfalse, pairwise, repeat
 from pathlib import Path
 
 import numpy as np
@@ -102,8 +101,6 @@ class _PretokenCache(dict):
 
 # Marks a piece after which a cut at the next " " is not exact (see ``_encode_text``).
 _UNSAFE = object()
-# Marks a piece not in the word cache yet.
-_MISS = object()
 # Longer pieces (e.g. text without spaces) are encoded but not cached.
 _MAX_WORD_CHARS = 64
 # From this many new pre-tokens on, BPE runs batched in numpy (``Tokenizer._bpe_batch``).
@@ -113,21 +110,23 @@ _BATCH_MIN = 500
 class _WordCache(dict):
     """piece -> packed ids of ``" " + piece`` for the fast path of ``Tokenizer._encode_text``.
 
-    A miss stores and returns ``_MISS`` and queues the piece, so the look-up of all pieces stays
-    one C-level ``map``; the caller encodes the queued pieces in one regex pass, puts their ids
-    in place and stores them. A piece that is empty or ends in whitespace gets ``_UNSAFE``
-    (never stored; ``unsafe`` counts them)."""
+    A miss stores and returns an empty ``bytearray`` (a slot) and queues the piece, so the
+    look-up of all pieces stays one C-level ``map`` and every later occurrence in the same call
+    gets the same slot; the caller encodes the queued pieces in one regex pass and fills the
+    slots in place (``b"".join`` takes them as they are), then stores the ids as bytes. A piece
+    that is empty or ends in whitespace gets ``_UNSAFE`` (never stored; ``unsafe`` counts
+    them)."""
 
     def __init__(self, max_size: int):
         super().__init__()
         self.max_size = max_size
-        self.pending: dict[str, None] = {}  # this call's new pieces, in order
-        self.long_pending = False  # a queued piece is too long to cache
+        self.new: list[str] = []  # this call's new pieces, in order
+        self.slots: list[bytearray] = []  # their slots
         self.unsafe = 0
 
     def start_call(self) -> None:
-        self.pending.clear()
-        self.long_pending = False
+        self.new.clear()
+        self.slots.clear()
         self.unsafe = 0
 
     def __missing__(self, piece: str):
@@ -136,19 +135,26 @@ class _WordCache(dict):
         if not piece or piece[-1].isspace():
             self.unsafe += 1
             return _UNSAFE
-        self.pending[piece] = None
-        if len(piece) > _MAX_WORD_CHARS:
-            self.long_pending = True
-        else:  # later occurrences in this call hit in C (``Tokenizer._encode_text`` replaces it)
-            if len(self) >= self.max_size:
-                self.clear()
-            self[piece] = _MISS
-        return _MISS
+        slot = self[piece] = bytearray()
+        self.new.append(piece)
+        self.slots.append(slot)
+        return slot
 
-    def drop_pending(self) -> None:
-        """Remove this call's ``_MISS`` entries (after an exception)."""
-        for piece in self.pending:
-            if self.get(piece) is _MISS:
+    def fill(self, ids: list[bytes]) -> None:
+        """Put the ids of this call's new pieces (in order) into their slots and the cache."""
+        deque(map(bytearray.extend, self.slots, ids), 0)
+        if len(self) > self.max_size:  # may pass ``max_size`` by this call's new words only
+            self.clear()
+        self.update(zip(self.new, ids))
+        if max(map(len, self.new)) > _MAX_WORD_CHARS:
+            for piece in self.new:
+                if len(piece) > _MAX_WORD_CHARS:
+                    del self[piece]
+
+    def drop_new(self) -> None:
+        """Remove this call's empty slots (after an exception)."""
+        for piece in self.new:
+            if self.get(piece).__class__ is bytearray:
                 del self[piece]
         self.start_call()
 
@@ -526,22 +532,13 @@ class Tokenizer:
         words = self._words
         words.start_call()
         pieces = text.split(" ")
-        res: list = list(map(words.__getitem__, pieces))  # hits in C; misses queue the piece
-        if words.pending:
+        res: list = list(map(words.__getitem__, pieces))  # hits in C; misses get slots
+        if words.new:
             try:
-                fresh = self._encode_words(list(words.pending))
-            except BaseException:  # e.g. KeyboardInterrupt: leave no _MISS in the cache
-                words.drop_pending()
+                words.fill(self._encode_words(words.new))
+            except BaseException:  # e.g. KeyboardInterrupt: leave no empty slot in the cache
+                words.drop_new()
                 raise
-            # res[i] = fresh[pieces[i]] at every _MISS, all in C
-            at = list(compress(count(), map(is_, res, repeat(_MISS))))
-            deque(map(res.__setitem__, at, map(fresh.__getitem__, map(pieces.__getitem__, at))), 0)
-            # the cache may pass ``max_size`` by this call's new words only
-            if len(words) > words.max_size:
-                words.clear()
-            if words.long_pending:
-                fresh = {w: v for w, v in fresh.items() if len(w) <= _MAX_WORD_CHARS}
-            words.update(fresh)
         # pieces[0] has no space before it: it starts the first stretch. A stretch runs from an
         # unsafe piece to the first exact cut after it, and goes through the regex as a whole.
         res[0] = _UNSAFE
@@ -575,8 +572,8 @@ class Tokenizer:
             ids = self._loose[piece] = self._encode_plain(" " + piece)
         return ids
 
-    def _encode_words(self, pieces: list[str]) -> dict[str, bytes]:
-        """piece -> packed ids of ``" " + piece`` for safe pieces (non-empty, no space, not ending in
+    def _encode_words(self, pieces: list[str]) -> list[bytes]:
+        """Packed ids of ``" " + piece`` for safe pieces (non-empty, no space, not ending in
         whitespace), through one regex pass over all of them."""
         # Joined with " ", the words keep their pre-tokens (each cut is before a space that
         # follows a non-space); a pre-token starts with " " exactly where a word starts.
@@ -599,7 +596,7 @@ class Tokenizer:
         spans = map(slice, starts[multi].tolist(), ends[multi].tolist())
         joined = map(b"".join, map(tok_ids.__getitem__, spans))
         deque(map(vals.__setitem__, multi.tolist(), joined), 0)  # all in C
-        return dict(zip(pieces, vals))
+        return vals
 
     def encode_iterable(
         self, iterable: Iterable[str], buffer_chars: int = 1 << 16

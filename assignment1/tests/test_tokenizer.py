@@ -179,6 +179,19 @@ def test_interrupted_encode_leaves_no_partial_cache_entry(gpt2_dir):
     assert tok.encode(text) == plain_encode(tok, text)
 
 
+def test_new_words_repeated_in_one_call_share_their_slot(gpt2_dir):
+    """A word new to the cache is encoded once per call and every occurrence gets its ids (the
+    miss leaves a slot that later occurrences in the same call hit); afterwards the cache holds
+    bytes, and long words (not cached) are encoded all the same."""
+    tok = Tokenizer.from_files(gpt2_dir / "vocab.json", gpt2_dir / "merges.txt", [EOT])
+    long_word = "x" * 100
+    text = " ".join(["zyxwvut, qqqqj", long_word] * 50) + " zyxwvut,"
+    assert tok.encode(text) == plain_encode(tok, text)
+    assert all(isinstance(v, bytes) for v in tok._words.values())
+    assert "zyxwvut," in tok._words and long_word not in tok._words
+    assert tok.encode(text) == plain_encode(tok, text)
+
+
 def gpt2_merge_loop(tok: Tokenizer, ids: list[int]) -> list[int]:
     """GPT-2's ``encoder.py`` loop, written from the paper's code: find the lowest-rank adjacent
     pair, merge all its occurrences left to right, repeat."""
