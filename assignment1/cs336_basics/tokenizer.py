@@ -27,7 +27,7 @@ import os
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from functools import lru_cache
-from itertools import filterfalse, pairwise, repeat
+from itertools import pairwise, repeat
 from pathlib import Path
 
 import numpy as np
@@ -80,23 +80,6 @@ def str_to_token(s: str) -> bytes:
         raise InputError(
             f"token {s!r} has character {e.args[0]!r} outside GPT-2's byte map"
         ) from None
-
-
-class _PretokenCache(dict):
-    """pre-token -> its ids packed as bytes (``Tokenizer._pack``); misses run BPE
-    (``dict.__missing__`` keeps hits in C)."""
-
-    def __init__(self, bpe, pack, max_size: int):
-        super().__init__()
-        self._bpe = bpe
-        self._pack = pack
-        self.max_size = max_size
-
-    def __missing__(self, key: str) -> bytes:
-        if len(self) >= self.max_size:
-            self.clear()  # bound memory; cheaper than LRU bookkeeping on every hit
-        ids = self[key] = self._pack(self._bpe(key))
-        return ids
 
 
 # Marks a piece after which a cut at the next " " is not exact (see ``_encode_text``).
@@ -265,7 +248,8 @@ class Tokenizer:
         # invisible to the cyclic garbage collector (tuples made it run hundreds of times).
         self._dtype = np.dtype(np.uint16 if self.vocab_size <= 1 << 16 else np.uint32)
         self._special_bytes = {s: self._pack((i,)) for s, i in self._special_ids.items()}
-        self._cache = _PretokenCache(self._bpe, self._pack, cache_size)
+        self._cache: dict[str, bytes] = {}  # pre-token -> packed ids (see ``_pretoken_ids``)
+        self._cache_size = cache_size
         self._words = _WordCache(cache_size // 2)
         self._loose: dict[str, bytes] = {}  # see ``_loose_word``
         self.block_chars = 1 << 20  # text per fast-path call (see ``_blocks``)
@@ -509,8 +493,26 @@ class Tokenizer:
 
     def _encode_plain(self, text: str) -> bytes:
         """Packed ids of ``text`` (no special tokens) through the full GPT-2 regex."""
-        # map/join run in C; only cache misses call back into Python
-        return b"".join(map(self._cache.__getitem__, PAT.findall(text)))
+        return b"".join(self._pretoken_ids(PAT.findall(text)))
+
+    def _pretoken_ids(self, toks: list[str]) -> list[bytes]:
+        """Packed ids of each pre-token, through the cache (hits in C); the new ones go through
+        BPE together (batched in numpy when there are many)."""
+        cache = self._cache
+        new = set(toks).difference(cache)  # a plain dict: C-level membership tests
+        if new:
+            if len(cache) + len(new) > self._cache_size:
+                cache.clear()  # bound memory; cheaper than LRU bookkeeping on every hit
+                new = set(toks)
+            new = list(new)
+            if len(new) >= _BATCH_MIN:  # long ones (rare) would take many rounds: heap instead
+                long = [t for t in new if len(t) > 32] if max(map(len, new)) > 32 else []
+                if long:
+                    new = [t for t in new if len(t) <= 32]
+                cache.update(zip(new, self._bpe_batch(new)))
+                new = long
+            cache.update(zip(new, map(self._pack, map(self._bpe, new))))
+        return list(map(cache.__getitem__, toks))
 
     def _encode_text(self, text: str) -> list[bytes]:
         """Packed ids of ``text`` (no special tokens) as a list of pieces, in order.
@@ -578,14 +580,7 @@ class Tokenizer:
         # Joined with " ", the words keep their pre-tokens (each cut is before a space that
         # follows a non-space); a pre-token starts with " " exactly where a word starts.
         toks = PAT.findall(" " + " ".join(pieces))
-        cache = self._cache
-        # (not set.difference: with a dict subclass it walks the whole cache)
-        new = [t for t in filterfalse(cache.__contains__, set(toks)) if len(t) <= 32]
-        if len(new) >= _BATCH_MIN:
-            if len(cache) + len(new) > cache.max_size:
-                cache.clear()
-            cache.update(zip(new, self._bpe_batch(new)))
-        tok_ids = list(map(cache.__getitem__, toks))
+        tok_ids = self._pretoken_ids(toks)
         # ids per word: sum the id counts of its pre-tokens, then cut the flat id list
         starts = np.flatnonzero(np.fromiter(map(str.startswith, toks, repeat(" ")), bool))
         assert len(starts) == len(pieces)
