@@ -1,11 +1,17 @@
 """Encode a text file into a flat token-id array for training (``np.memmap``-ready).
 
 ``tokenize_file(tokenizer_dir, input_path, out_path)`` cuts the file at safe boundaries (special
-tokens, or whitespace no pre-token spans; ``pretokenize.chunk_boundaries``), encodes the chunks in
-worker processes and writes their ids in file order: uint16 when every id fits (vocab <= 65,536),
-else uint32. A JSON sidecar ``<out>.json`` records dtype, token count and bytes per token. The
-array is written to ``<out>.tmp`` and renamed at the end, so a failure never leaves a half-written
-output.
+tokens, or whitespace no pre-token spans; ``pretokenize.chunk_boundaries``) and encodes the chunks
+in worker processes: uint16 ids when every id fits (vocab <= 65,536), else uint32. A JSON sidecar
+``<out>.json`` records dtype, token count and bytes per token.
+
+Each worker owns a contiguous run of chunks and takes them front to back; one that runs out takes
+chunks from the back of the run with the most left (so the work stays balanced and each worker
+sees mostly one part of the file: fewer words to learn twice). Workers read their chunks from the
+file themselves and append the ids to a part file of their own (``<out>.tmp.<worker>``); only
+offsets travel back. The parent copies the parts in file order into ``<out>.tmp``
+(``os.copy_file_range``: no copy through Python) and renames it at the end, so a failure never
+leaves a half-written output.
 
 CLI: ``cs336-basics tokenize --tokenizer DIR --input F --out F.bin``.
 """
@@ -20,6 +26,7 @@ import multiprocessing as mp
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,28 +41,82 @@ from cs336_basics.pretokenize import (
 )
 from cs336_basics.tokenizer import Tokenizer
 
-_worker_tokenizer: Tokenizer | None = None
+
+@dataclass(frozen=True)
+class _Job:
+    """What every worker needs (inherited through fork, or pickled once per worker)."""
+
+    tokenizer: Tokenizer
+    path: str
+    bounds: list[int]  # chunk i is the byte range [bounds[i], bounds[i + 1])
+    encoding: str
+    dtype: type
+    part_prefix: str  # worker k writes ``part_prefix + str(k)``
+    runs: object  # shared int array: [front_0, back_0, front_1, back_1, ...], see ``_next_chunk``
+    bytes_done: object  # shared counter for the progress bar
 
 
-def _init_worker(tokenizer: Tokenizer, in_pool: bool = False) -> None:
-    global _worker_tokenizer
-    _worker_tokenizer = tokenizer
+_job: _Job | None = None
+
+
+def _init_worker(job: _Job, in_pool: bool) -> None:
+    global _job
+    _job = job
     if in_pool:
         # The encode caches hold no reference cycles, so refcounting frees everything a worker
         # drops; the cyclic collector would only re-scan the caches (~10% of a worker's time).
         gc.disable()
 
 
-def _encode_range(args: tuple) -> tuple[np.ndarray, int]:
-    """Worker: ids of the byte range ``[start, end)`` of the file."""
-    path, start, end, encoding, dtype = args
-    tok = _worker_tokenizer
-    parts = [
-        tok.encode_to_array(piece).astype(dtype, copy=False)
-        for piece in iter_pieces(path, start, end, tok.special_tokens, encoding)
-    ]
-    ids = np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
-    return ids, end - start
+def _next_chunk(runs, worker: int) -> int | None:
+    """The next chunk for ``worker``: the front of its own run, else the back of the longest
+    run left (``runs`` holds each run's [front, back) as two ints); None when all are taken."""
+    with runs.get_lock():
+        front, back = runs[2 * worker], runs[2 * worker + 1]
+        if front < back:
+            runs[2 * worker] = front + 1
+            return front
+        n = len(runs) // 2
+        left = [runs[2 * k + 1] - runs[2 * k] for k in range(n)]
+        k = max(range(n), key=left.__getitem__)
+        if left[k] <= 0:
+            return None
+        runs[2 * k + 1] -= 1
+        return runs[2 * k + 1]
+
+
+def _work(worker: int) -> list[tuple[int, int, int]]:
+    """Encode chunks until none is left; returns (chunk, offset in the part file, bytes)."""
+    job = _job
+    tok = job.tokenizer
+    done = []
+    offset = 0
+    with open(job.part_prefix + str(worker), "wb") as part:
+        while (i := _next_chunk(job.runs, worker)) is not None:
+            start, end = job.bounds[i], job.bounds[i + 1]
+            nbytes = 0
+            for piece in iter_pieces(job.path, start, end, tok.special_tokens, job.encoding):
+                ids = tok.encode_to_array(piece).astype(job.dtype, copy=False)
+                part.write(ids.data)
+                nbytes += ids.nbytes
+            done.append((i, offset, nbytes))
+            offset += nbytes
+            with job.bytes_done.get_lock():
+                job.bytes_done.value += end - start
+    return done
+
+
+def _copy_range(src, dst, offset: int, count: int) -> None:
+    """Append ``count`` bytes of ``src`` from ``offset`` to ``dst`` (in the kernel where it can)."""
+    if hasattr(os, "copy_file_range"):
+        while count:
+            n = os.copy_file_range(src.fileno(), dst.fileno(), count, offset)
+            if n == 0:
+                raise OSError("part file shorter than recorded")
+            offset, count = offset + n, count - n
+    else:
+        src.seek(offset)
+        dst.write(src.read(count))
 
 
 def tokenize_file(
@@ -81,29 +142,55 @@ def tokenize_file(
     size = path.stat().st_size
     num_workers = num_workers or os.cpu_count() or 1
     if chunk_bytes is None:  # many chunks: load balance, steady progress, small worker memory
-        chunk_bytes = min(max(size // (8 * num_workers) + 1, 1 << 20), 1 << 24)
+        chunk_bytes = min(max(size // (64 * num_workers) + 1, 1 << 17), 1 << 24)
     bounds = chunk_boundaries(path, chunk_bytes, tok.special_tokens, encoding)
-    tasks = [(str(path), s, e, encoding, dtype) for s, e in itertools.pairwise(bounds)]
+    num_chunks = len(bounds) - 1
+    num_workers = min(num_workers, num_chunks)
+    # worker k's own run of chunks: [k * num_chunks // num_workers, (k + 1) * ... )
+    edges = [k * num_chunks // num_workers for k in range(num_workers + 1)]
+    runs = mp.Array("q", [e for pair in itertools.pairwise(edges) for e in pair])
+    tmp = out.with_name(out.name + ".tmp")
+    job = _Job(tok, str(path), bounds, encoding, dtype, str(tmp) + ".", runs, mp.Value("q", 0))
+    parts = [Path(job.part_prefix + str(k)) for k in range(num_workers)]
 
     t0 = time.perf_counter()
-    tmp = out.with_name(out.name + ".tmp")
-    num_tokens = 0
     pool = None
     bar = tqdm(total=size, unit="B", unit_scale=True, desc="tokenize", disable=not progress)
     try:
-        if num_workers == 1 or len(tasks) == 1:
-            _init_worker(tok)
-            results = map(_encode_range, tasks)
+        if num_workers == 1:
+            _init_worker(job, False)
+            done = [_work(0)]
         else:
             # fork: workers inherit the loaded tokenizer instead of re-reading the files
             ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-            pool = ctx.Pool(min(num_workers, len(tasks)), _init_worker, (tok, True))
-            results = pool.imap(_encode_range, tasks)  # ordered: written in file order
-        with open(tmp, "wb") as f:
-            for ids, nbytes in results:
-                f.write(ids.tobytes())
-                num_tokens += len(ids)
-                bar.update(nbytes)
+            pool = ctx.Pool(num_workers, _init_worker, (job, True))
+            result = pool.map_async(_work, range(num_workers))
+            while not result.ready():
+                result.wait(0.1)
+                bar.n = job.bytes_done.value
+                bar.refresh()
+            done = result.get()  # re-raises a worker's exception
+        bar.n = job.bytes_done.value
+        bar.refresh()
+        # (chunk, worker, offset, bytes) in file order; a worker's consecutive chunks are one
+        # range of its part file
+        order = sorted((i, k, off, n) for k, chunks in enumerate(done) for i, off, n in chunks)
+        assert [i for i, *_ in order] == list(range(num_chunks))
+        ranges: list[list[int]] = []
+        for _, k, off, n in order:
+            if ranges and ranges[-1][0] == k and sum(ranges[-1][1:]) == off:
+                ranges[-1][2] += n
+            else:
+                ranges.append([k, off, n])
+        files = [open(p, "rb") for p in parts]
+        try:
+            with open(tmp, "wb") as f:
+                for k, off, n in ranges:
+                    _copy_range(files[k], f, off, n)
+        finally:
+            for fh in files:
+                fh.close()
+        num_tokens = os.path.getsize(tmp) // np.dtype(dtype).itemsize
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -112,6 +199,8 @@ def tokenize_file(
         bar.close()
         if pool is not None:
             pool.terminate()
+        for p in parts:
+            p.unlink(missing_ok=True)
     seconds = time.perf_counter() - t0
     meta = {
         "dtype": np.dtype(dtype).name,

@@ -4,6 +4,7 @@ output) and the memory bound of ``encode_iterable``."""
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import subprocess
 import sys
 import threading
@@ -16,7 +17,7 @@ import pytest
 from cs336_basics.bpe import train_bpe
 from cs336_basics.cli import main as cli
 from cs336_basics.pretokenize import InputError
-from cs336_basics.tokenize_corpus import tokenize_file
+from cs336_basics.tokenize_corpus import _next_chunk, tokenize_file
 from cs336_basics.tokenizer import Tokenizer
 
 EOT = "<|endoftext|>"
@@ -98,6 +99,35 @@ def test_train_and_tokenize_cli(tok_dir, small_text, tmp_path):
     )
     assert rc.returncode == 0, rc.stderr
     assert out2.read_bytes() == out.read_bytes()
+
+
+def test_chunk_schedule_takes_own_run_then_steals_from_the_back():
+    """Each worker takes its own run front to back, then the back of the longest run left; every
+    chunk is handed out exactly once."""
+    runs = mp.Array("q", [0, 4, 4, 10])  # worker 0: chunks 0-3, worker 1: chunks 4-9
+    assert [_next_chunk(runs, 0) for _ in range(4)] == [0, 1, 2, 3]
+    assert _next_chunk(runs, 1) == 4
+    # worker 0 is out of chunks: it takes from the back of worker 1's run
+    assert [_next_chunk(runs, 0) for _ in range(2)] == [9, 8]
+    assert [_next_chunk(runs, 1) for _ in range(3)] == [5, 6, 7]
+    assert _next_chunk(runs, 0) is None and _next_chunk(runs, 1) is None
+
+
+@pytest.mark.parametrize("num_workers,chunk_bytes", [(1, 5_000), (3, 7_000), (4, 10**9)])
+def test_tokenize_file_equals_encode_for_any_split(tok_dir, small_text, tmp_path, num_workers, chunk_bytes):
+    """Any number of workers and chunks (including more workers than chunks) gives the ids of
+    encoding the whole file, and leaves no part file behind."""
+    text_path = tmp_path / "docs.txt"
+    docs = small_text.read_text(encoding="utf-8")[:120_000].split("\n\n")
+    text_path.write_text(EOT.join(docs), encoding="utf-8")
+    out = tmp_path / "ids.bin"
+    meta = tokenize_file(
+        tok_dir, text_path, out, num_workers=num_workers, chunk_bytes=chunk_bytes, progress=False
+    )
+    expected = Tokenizer.from_dir(tok_dir).encode(text_path.read_text(encoding="utf-8"))
+    assert np.fromfile(out, dtype=np.uint16).tolist() == expected
+    assert meta["num_tokens"] == len(expected)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.txt", "ids.bin", "ids.bin.json"]
 
 
 def test_uint32_when_vocab_exceeds_uint16(tmp_path, small_text):
