@@ -4,12 +4,15 @@ Same shape (the ``tinystories-17m`` preset: d_model 512, 4 layers, 16 heads, d_f
 256, vocab 10K), same batch (128), bf16 autocast, TF32 on, same step (forward, loss, backward,
 clip to norm 1, optimizer step, zero_grad), measured in one process, one after the other.
 
-Variants ``{impl}-{mode}[-{optimizer}[-{loss}]]``:
+Variants ``{impl}-{mode}[-{optimizer}[-{loss}[-{ops}]]]``:
 - impl ``ours``: ``cs336_basics.model.TransformerLM`` (attention backend ``sdpa``) and our
   ``clip_grad_norm``; optimizer ``foreach`` (our ``AdamW(fused=False)``, multi-tensor
   ``torch._foreach_*``) or ``fused`` (our ``AdamW(fused=True)``, one Triton kernel per step); loss
   ``torchce`` (``cross_entropy_torch``, PyTorch ops; default) or ``tritonce`` (the Triton kernels of
-  ``fused_cross_entropy``, what ``cross_entropy`` runs on CUDA).
+  ``fused_cross_entropy``, what ``cross_entropy`` runs on CUDA); ops (eager only) ``torchops``
+  (``model.FUSED_KERNELS = False``: RMSNorm, RoPE and SwiGLU's gate in PyTorch ops; default) or
+  ``tritonops`` (their Triton kernels ``fused_rmsnorm``/``fused_rope``/``fused_swiglu``, what the
+  model runs on CUDA in eager mode). Compiled, the model always runs PyTorch ops (inductor fuses them).
 - impl ``hf``: ``LlamaForCausalLM`` (``attn_implementation="sdpa"``, same initial weights), the loss
   it uses internally (``F.cross_entropy`` on fp32 logits), ``torch.nn.utils.clip_grad_norm_`` and
   ``torch.optim.AdamW(fused=True)``.
@@ -26,6 +29,7 @@ ours fused and torch's fused AdamW on the 17M model's parameters and on 8 layers
 2.7B model (839M parameters), with the peak memory the step adds.
 
     python scripts/bench_lm.py --out bench.json           # on one GPU
+    python scripts/bench_lm.py --quick                     # HF eager vs ours eager, kernels off and on
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from cs336_basics import model as cs336_model
 from cs336_basics.config import PRESETS
 from cs336_basics.fused_cross_entropy import cross_entropy as triton_cross_entropy
 from cs336_basics.nn_utils import clip_grad_norm, cross_entropy_torch
@@ -45,14 +50,20 @@ from cs336_basics.optimizer import AdamW
 from cs336_basics.train import build_model, flops_per_token, peak_flops
 
 COURSE_TOKENS = 327_680_000  # the course's TinyStories budget: 10,000 steps x 128 x 256
+DEFAULT_VARIANTS = ["hf-eager", "ours-eager-foreach", "ours-eager-fused-tritonce",
+                    "ours-eager-fused-tritonce-tritonops", "hf-compiled", "ours-compiled-foreach",
+                    "ours-compiled-fused", "ours-compiled-fused-tritonce"]
+QUICK_VARIANTS = ["hf-eager", "ours-eager-fused-tritonce", "ours-eager-fused-tritonce-tritonops"]
 
 
 def make_variant(name: str, cfg, device):
     """(model, optimizer, loss_fn, clip_fn) for a variant name (see the module docstring)."""
     impl, mode, *rest = name.split("-")
-    opt_impl, loss_impl = (rest + ["foreach", "torchce"][len(rest):])[:2]
+    opt_impl, loss_impl, ops_impl = (rest + ["foreach", "torchce", "torchops"][len(rest):])[:3]
     assert impl in ("ours", "hf") and mode in ("eager", "compiled"), name
     assert opt_impl in ("foreach", "fused") and loss_impl in ("torchce", "tritonce"), name
+    assert ops_impl == "torchops" or (ops_impl == "tritonops" and mode == "eager"), name
+    cs336_model.FUSED_KERNELS = ops_impl == "tritonops"  # read at every forward: holds until the next variant
     torch.manual_seed(0)
     model = build_model(cfg.replace(model_impl="cs336" if impl == "ours" else "hf-llama"), device)
     kw = {"lr": 1e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
@@ -174,9 +185,9 @@ def bench_optimizer(shapes: list[tuple[int, ...]], label: str, device, iters: in
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--variants", nargs="+", default=[
-        "hf-eager", "ours-eager-foreach", "ours-eager-fused-tritonce",
-        "hf-compiled", "ours-compiled-foreach", "ours-compiled-fused", "ours-compiled-fused-tritonce"])
+    ap.add_argument("--variants", nargs="+", help=f"default: {' '.join(DEFAULT_VARIANTS)}")
+    ap.add_argument("--quick", action="store_true",
+                    help=f"only {' '.join(QUICK_VARIANTS)} (unless --variants) and no optimizer benchmark")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--steps", type=int, default=30)
@@ -191,14 +202,14 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name(device)} | torch {torch.__version__} | batch {args.batch_size} x "
           f"{cfg.context_length} | FLOPs/token {flops_per_token(cfg, build_model(cfg, 'meta')) / 1e6:.1f}M", flush=True)
     opt_rows = []
-    if args.opt_bench:
+    if args.opt_bench and not args.quick:
         model_shapes = [tuple(p.shape) for p in build_model(cfg, "meta").parameters()]
         d, f = 2560, 10240  # 8 of the 32 layers of the course's 2.7B model
         big_shapes = [(d, d)] * 4 * 8 + [(f, d), (d, f), (f, d)] * 8 + [(d,)] * 2 * 8
         opt_rows = (bench_optimizer(model_shapes, "tinystories-17m", device)
                     + bench_optimizer(big_shapes, "2.7B x 8 layers", device))
     rows = []
-    for v in args.variants:
+    for v in args.variants or (QUICK_VARIANTS if args.quick else DEFAULT_VARIANTS):
         try:
             rows.append(bench_variant(v, cfg, device, args.batch_size, args.warmup, args.steps, args.profile_steps))
         except Exception as e:  # noqa: BLE001 (one broken variant must not lose the others)
@@ -209,6 +220,10 @@ def main() -> None:
     by = {r["variant"]: r for r in rows if "error" not in r}
     ratios = {f"{a}/{b}": round(by[a]["tok_s"] / by[b]["tok_s"], 3)
               for a in by if a.startswith("ours") for b in by if b.startswith("hf")}
+    for a in by:  # the Triton model kernels against the same variant in PyTorch ops
+        b = a.removesuffix("-tritonops")
+        if b != a and b in by:
+            ratios[f"{a}/{b}"] = round(by[a]["tok_s"] / by[b]["tok_s"], 3)
     print(json.dumps({"ratios": ratios}))
     if args.out:
         with open(args.out, "w") as f:

@@ -10,6 +10,12 @@ softmax attention below), ``"sdpa"`` (``torch.nn.functional.scaled_dot_product_a
 ``"flash"`` (``cs336_systems.flash_attention.flash_attn_mha``) or any callable
 ``attn_fn(q, k, v, is_causal) -> o`` on ``(B, H, T, D)`` tensors. ``forward`` never branches on it.
 
+RMSNorm, RoPE and SwiGLU's ``silu(a) · b`` run as Triton kernels, forward and backward, on CUDA in
+eager mode (``fused_rmsnorm.py``, ``fused_rope.py``, ``fused_swiglu.py``: one pass over memory
+where the PyTorch ops below take several); under ``torch.compile`` inductor fuses the PyTorch ops
+itself. The PyTorch ops stay the reference and run everywhere else; ``model.FUSED_KERNELS = False``
+runs them on CUDA too (to measure before/after in one process).
+
 Shapes: B batch, T sequence, H heads, D head dim, C d_model, F d_ff, V vocab.
 
     from cs336_basics.model import TransformerLM
@@ -23,12 +29,27 @@ import importlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cs336_basics.triton_support import kernels_for
+
 AttnFn = Callable[[Tensor, Tensor, Tensor, bool], Tensor]
+
+FUSED_KERNELS = True  # False: the PyTorch ops on every device (read at each call, see `triton_kernels`)
+
+
+def triton_kernels(name: str, x: Tensor) -> ModuleType | None:
+    """The Triton kernel module ``cs336_basics.<name>`` to run on ``x``, or None for the PyTorch ops:
+    None when `FUSED_KERNELS` is off, while ``torch.compile`` traces (inductor fuses the PyTorch
+    ops itself), where Triton cannot take ``x`` (CPU outside the interpreter) or for its dtype."""
+    if not FUSED_KERNELS or torch.compiler.is_compiling():
+        return None
+    kernels = kernels_for(x.device, name)
+    return kernels if kernels is not None and x.dtype in kernels.SUPPORTED_DTYPES else None
 
 
 # ----------------------------------------------------------------------------- leaf ops
@@ -75,14 +96,18 @@ class Embedding(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """``x / sqrt(mean(x²) + eps) * w`` (Zhang & Sennrich 2019)."""
+    """``x / sqrt(mean(x²) + eps) * w`` (Zhang & Sennrich 2019). ``feeds_matmul``: the output goes
+    only into Linears, so under autocast the Triton kernel writes it in the autocast dtype, the
+    values the Linears' casts would make (a full-size cast per Linear saved; see fused_rmsnorm.py)."""
 
-    def __init__(self, d_model: int, eps: float = 1e-5, device=None, dtype=None):
+    def __init__(self, d_model: int, eps: float = 1e-5, device=None, dtype=None, *, feeds_matmul: bool = False):
         super().__init__()
-        self.eps = eps
+        self.eps, self.feeds_matmul = eps, feeds_matmul
         self.weight = nn.Parameter(torch.ones(d_model, device=device, dtype=dtype))
 
     def forward(self, x: Tensor) -> Tensor:
+        if (kernels := triton_kernels("fused_rmsnorm", x)) is not None:
+            return kernels.rms_norm(x, self.weight, self.eps, autocast_output=self.feeds_matmul)
         in_dtype = x.dtype
         x = x.float()  # fp32 for the mean of squares: bf16 loses too much in the sum
         x = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps)
@@ -106,6 +131,8 @@ class RotaryPositionalEmbedding(nn.Module):
 
     def forward(self, x: Tensor, token_positions: Tensor) -> Tensor:
         """``x`` ``(..., T, D)``, ``token_positions`` ``(..., T)`` broadcastable to x's leading dims."""
+        if (kernels := triton_kernels("fused_rope", x)) is not None:
+            return kernels.rope(x, token_positions, self.cos, self.sin)
         cos, sin = self.cos[token_positions], self.sin[token_positions]  # (..., T, D/2)
         x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)  # (..., T, D/2) each: even, odd
         out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (..., T, D/2, 2)
@@ -241,7 +268,10 @@ class SwiGLU(nn.Module):
         self.w3 = Linear(d_model, d_ff, device=device, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(silu(self.w1(x)) * self.w3(x))
+        a, b = self.w1(x), self.w3(x)  # (..., F) each
+        if (kernels := triton_kernels("fused_swiglu", a)) is not None:
+            return self.w2(kernels.silu_mul(a, b))
+        return self.w2(silu(a) * b)
 
 
 class SiLUFFN(nn.Module):
@@ -286,7 +316,8 @@ class TransformerBlock(nn.Module):
         self.pre_norm = norm == "pre"
         self.attn = MultiHeadSelfAttention(d_model, num_heads, rope, attn_backend, **kw)
         self.ffn = SwiGLU(d_model, d_ff, **kw) if ffn == "swiglu" else SiLUFFN(d_model, d_ff, **kw)
-        make_norm = (lambda: RMSNorm(d_model, eps, **kw)) if norm != "none" else nn.Identity
+        # pre-norm: each norm's output feeds only the next projections
+        make_norm = (lambda: RMSNorm(d_model, eps, feeds_matmul=norm == "pre", **kw)) if norm != "none" else nn.Identity
         self.ln1, self.ln2 = make_norm(), make_norm()
 
     def forward(self, x: Tensor, token_positions: Tensor | None = None,
@@ -331,7 +362,7 @@ class TransformerLM(nn.Module):
                              attn_backend=attn_backend, eps=eps, **kw)
             for _ in range(num_layers)
         )
-        self.ln_final = RMSNorm(d_model, eps, **kw) if norm != "none" else nn.Identity()
+        self.ln_final = RMSNorm(d_model, eps, feeds_matmul=True, **kw) if norm != "none" else nn.Identity()
         self.lm_head = Linear(d_model, vocab_size, **kw)
         if tie_embeddings:  # one (V, C) matrix serves as both input and output embedding
             self.lm_head.weight = self.token_embeddings.weight

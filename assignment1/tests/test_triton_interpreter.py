@@ -7,7 +7,7 @@ import pytest
 from cs336_basics.triton_support import interpreting, run_interpreter_tests
 
 HERE = Path(__file__).parent
-FILES = ["test_optimizer.py", "test_nn_utils.py"]
+FILES = ["test_optimizer.py", "test_nn_utils.py", "test_fused_kernels.py"]
 
 
 @pytest.mark.skipif(interpreting(), reason="this is the parent of the interpreter run")

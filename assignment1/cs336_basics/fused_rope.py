@@ -1,0 +1,99 @@
+"""Rotary position embeddings (RoPE, Su et al. 2021) as one Triton kernel behind an autograd Function.
+
+The model's convention rotates *adjacent* pairs: ``(x[2i], x[2i+1])`` of each head vector by the
+angle ``pos · theta^(-2i/D)``, i.e. ``(x₁ cos - x₂ sin, x₁ sin + x₂ cos)``. In PyTorch ops
+(``model.RotaryPositionalEmbedding``) that is two gathers of the cos/sin tables, four fp32 products,
+a sum, a difference, a stack and a cast, each a full pass over q or k. Here one pass reads ``x``
+and the table rows its positions pick and writes the rotated ``x`` (contiguous ``(B, H, T, D)``, as
+the PyTorch ops make it) in ``x``'s dtype, fp32 arithmetic. The backward is the same kernel with the
+inverse rotation (``sin → -sin``) and needs nothing saved but the positions: it writes the gradient
+with ``x``'s own strides, so that for q/k made as a transposed view of a projection's output
+the gradient reaches the projection without a copy.
+
+``cs336_basics.model.RotaryPositionalEmbedding`` calls this on CUDA (CPU tensors too under
+``TRITON_INTERPRET=1``, as in the tests) outside ``torch.compile``. Positions must lie in
+``[0, max_seq_len)`` of the tables: they are not checked on the device.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+BLOCK_PAIRS = 2048  # (position, pair) entries per program: BLOCK_T positions × the padded D/2
+
+
+@triton.jit
+def _rope_kernel(x_ptr, sx_b, sx_h, sx_t, out_ptr, so_b, so_h, so_t, pos_ptr, sp_b, sp_h, sp_t,
+                 cos_ptr, sin_ptr, H, T, HALF, sign, BLOCK_T: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """One (batch, head) and BLOCK_T positions of a ``(B, H, T, D)`` tensor, last dim contiguous
+    (in and out); ``sign`` -1 rotates backwards. cos/sin: ``(max_seq_len, HALF)`` contiguous."""
+    bh = tl.program_id(0)
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+    ts = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    i = tl.arange(0, BLOCK_HALF)
+    mask = (ts[:, None] < T) & (i[None, :] < HALF)
+    pos = tl.load(pos_ptr + b * sp_b + h * sp_h + ts * sp_t, mask=ts < T, other=0)
+    angle_offs = pos[:, None] * HALF + i[None, :]
+    cos = tl.load(cos_ptr + angle_offs, mask=mask, other=0.0)
+    sin = tl.load(sin_ptr + angle_offs, mask=mask, other=0.0) * sign
+    x_even = x_ptr + b * sx_b + h * sx_h + ts[:, None] * sx_t + 2 * i[None, :]
+    x1 = tl.load(x_even, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x_even + 1, mask=mask, other=0.0).to(tl.float32)
+    out_even = out_ptr + b * so_b + h * so_h + ts[:, None] * so_t + 2 * i[None, :]
+    dtype = out_ptr.dtype.element_ty
+    tl.store(out_even, (x1 * cos - x2 * sin).to(dtype), mask=mask)
+    tl.store(out_even + 1, (x1 * sin + x2 * cos).to(dtype), mask=mask)
+
+
+def _as_4d(t: Tensor) -> Tensor:
+    """``(..., T, D)`` as ``(B, H, T, D)``: views for up to 4 dims, a reshape beyond."""
+    return t[(None,) * (4 - t.dim())] if t.dim() <= 4 else t.reshape(-1, *t.shape[-3:])
+
+
+def _rotate(x: Tensor, out: Tensor, pos: Tensor, cos: Tensor, sin: Tensor, sign: float) -> None:
+    """``out = rotate(x)`` over 4-d tensors of one shape with unit last-dim strides; ``pos`` ``(B, H, T)``."""
+    b, h, t, d = x.shape
+    half = d // 2
+    block_half = triton.next_power_of_2(half)
+    block_t = min(max(1, BLOCK_PAIRS // block_half), triton.next_power_of_2(t))
+    _rope_kernel[(b * h, triton.cdiv(t, block_t))](
+        x, x.stride(0), x.stride(1), x.stride(2), out, out.stride(0), out.stride(1), out.stride(2),
+        pos, pos.stride(0), pos.stride(1), pos.stride(2), cos, sin, h, t, half, sign,
+        BLOCK_T=block_t, BLOCK_HALF=block_half, num_warps=4)
+
+
+def _unit_last_stride(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class _RoPE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, pos: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        x4 = _unit_last_stride(_as_4d(x))
+        out = torch.empty(x4.shape, dtype=x.dtype, device=x.device)  # contiguous (B, H, T, D)
+        _rotate(x4, out, pos, cos, sin, 1.0)
+        ctx.save_for_backward(pos, cos, sin)
+        ctx.x_shape = x.shape
+        # the gradient's layout: x's own strides made dense (what empty_like does; on "meta", no memory)
+        ctx.grad_strides = torch.empty_like(x4, device="meta").stride()
+        return out.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        pos, cos, sin = ctx.saved_tensors
+        g4 = _unit_last_stride(_as_4d(grad_out))
+        grad_x = torch.empty_strided(g4.shape, ctx.grad_strides, dtype=g4.dtype, device=g4.device)
+        _rotate(g4, grad_x, pos, cos, sin, -1.0)  # the inverse rotation is the transpose
+        return grad_x.reshape(ctx.x_shape), None, None, None
+
+
+def rope(x: Tensor, token_positions: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate adjacent pairs of ``x`` ``(..., T, D)`` (a dtype in `SUPPORTED_DTYPES`) by the angles
+    of ``token_positions`` (int, broadcastable to ``x.shape[:-1]``) in the fp32 tables ``cos``/``sin``
+    ``(max_seq_len, D/2)``. Returns a contiguous tensor of ``x``'s shape and dtype."""
+    pos = _as_4d(torch.broadcast_to(token_positions, x.shape[:-1]).unsqueeze(-1))[..., 0]  # (B, H, T)
+    return _RoPE.apply(x, pos, cos.contiguous(), sin.contiguous())
