@@ -32,7 +32,8 @@ def _rope_kernel(x_ptr, sx_b, sx_h, sx_t, out_ptr, so_b, so_h, so_t, pos_ptr, sp
     """One (batch, head) and BLOCK_T positions of a ``(B, H, T, D)`` tensor, last dim contiguous
     (in and out); ``sign`` -1 rotates backwards. cos/sin: ``(max_seq_len, HALF)`` contiguous."""
     bh = tl.program_id(0)
-    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
     ts = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     i = tl.arange(0, BLOCK_HALF)
     mask = (ts[:, None] < T) & (i[None, :] < HALF)
