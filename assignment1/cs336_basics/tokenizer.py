@@ -28,6 +28,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from functools import lru_cache
 from itertools import pairwise, repeat
+from operator import itemgetter
 from pathlib import Path
 
 import numpy as np
@@ -106,13 +107,16 @@ class _WordCache(dict):
         super().__init__()
         self.max_size = max_size
         self.new: list[str] = []  # this call's new pieces, in order
+        self.new_ids: list[bytes] = []  # and their packed ids, once ``fill`` has them
         self.slots: list[bytearray] = []  # their slots
         self.unsafe = 0
+        self.cleared = False  # this call emptied the cache
 
     def start_call(self) -> None:
         self.new.clear()
         self.slots.clear()
         self.unsafe = 0
+        self.cleared = False
 
     def __missing__(self, piece: str):
         # str.isspace accepts every character the pattern's \s does (and \x1c-\x1f besides),
@@ -130,7 +134,9 @@ class _WordCache(dict):
         deque(map(bytearray.extend, self.slots, ids), 0)
         if len(self) > self.max_size:  # may pass ``max_size`` by this call's new words only
             self.clear()
+            self.cleared = True
         self.update(zip(self.new, ids))
+        self.new_ids = ids
         if max(map(len, self.new)) > _MAX_WORD_CHARS:
             for piece in self.new:
                 if len(piece) > _MAX_WORD_CHARS:
@@ -142,6 +148,89 @@ class _WordCache(dict):
             if self.get(piece).__class__ is bytearray:
                 del self[piece]
         self.start_call()
+
+
+class _ShortWords:
+    """Exact numpy table for the short words of the fast path: the UTF-8 bytes of a piece of
+    1-15 bytes as two little-endian uint64 (zero-padded; the length in the top byte of the
+    second) -> its packed ids, so the words of a block are found without a Python object per
+    word (``Tokenizer._encode_block``). Holds only pieces that are safe and start a word (see
+    ``_encode_text``): cuts before and after them are exact, so their ids never depend on the
+    neighbours. Open addressing with linear probing, load <= 1/2."""
+
+    MAX_BYTES = 15
+    _C1, _C2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xC2B2AE3D27D4EB4F)
+    _MASKS = np.array([(1 << (8 * n)) - 1 for n in range(9)], dtype=np.uint64)
+    _NEVER = np.uint64(31 << 56)  # the length field of a piece the table cannot hold
+
+    def __init__(self, max_entries: int, dtype: np.dtype):
+        self.max_entries = max_entries
+        bits = max(4, (2 * max_entries).bit_length())
+        self.shift, self.mask = np.uint64(64 - bits), (1 << bits) - 1
+        self.k1 = np.zeros(1 << bits, dtype=np.uint64)
+        self.k2 = np.zeros(1 << bits, dtype=np.uint64)  # 0: empty slot (a length is >= 1)
+        self.off = np.zeros(1 << bits, dtype=np.int64)  # the ids: store[off : off + cnt]
+        self.cnt = np.zeros(1 << bits, dtype=np.int64)
+        self.owner = np.zeros(1 << bits, dtype=np.int64)  # scratch for ``add``
+        self.store = np.zeros(1 << 16, dtype=dtype)
+        self.size = self.used = 0  # entries, ids in the store
+
+    def clear(self) -> None:
+        self.k2[:] = 0
+        self.size = self.used = 0
+
+    def keys(self, buf: bytes, starts: np.ndarray, lens: np.ndarray):
+        """Keys of the pieces ``buf[start : start + len]``; ``buf`` ends in 16 zero bytes.
+        A piece of another length gets a key no entry has."""
+        win = np.ndarray((len(buf) - 7,), dtype=np.uint64, buffer=buf, strides=(1,))  # unaligned
+        k1 = win[starts] & self._MASKS[np.minimum(lens, 8)]
+        k2 = win[starts + 8] & self._MASKS[np.clip(lens - 8, 0, 7)]
+        fits = (lens >= 1) & (lens <= self.MAX_BYTES)
+        k2 |= np.where(fits, lens.astype(np.uint64) << np.uint64(56), self._NEVER)
+        return k1, k2
+
+    def _home(self, k1, k2) -> np.ndarray:
+        return ((((k1 * self._C1) ^ k2) * self._C2) >> self.shift).astype(np.int64)
+
+    def find(self, k1, k2) -> np.ndarray:
+        """Slot of each key, -1 where absent."""
+        slot = self._home(k1, k2)
+        out = np.full(k1.size, -1, dtype=np.int64)
+        todo = np.arange(k1.size)
+        while todo.size:
+            s2 = self.k2[slot]
+            hit = (s2 == k2) & (self.k1[slot] == k1)
+            out[todo[hit]] = slot[hit]
+            go_on = ~hit & (s2 != 0)  # occupied by another key: probe the next slot
+            todo, slot, k1, k2 = todo[go_on], (slot[go_on] + 1) & self.mask, k1[go_on], k2[go_on]
+        return out
+
+    def add(self, pieces: list[bytes], ids: list[bytes]) -> None:
+        """Store distinct new pieces (1-15 bytes, absent from the table) with their packed ids."""
+        lens = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
+        k1, k2 = self.keys(b"".join(pieces) + bytes(16), np.cumsum(lens) - lens, lens)
+        flat = np.frombuffer(b"".join(ids), dtype=self.store.dtype)
+        cnt = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)) // flat.itemsize
+        if self.used + flat.size > self.store.size:
+            grown = np.zeros(2 * (self.used + flat.size), dtype=self.store.dtype)
+            grown[: self.used] = self.store[: self.used]
+            self.store = grown
+        self.store[self.used : self.used + flat.size] = flat
+        off = self.used + np.cumsum(cnt) - cnt
+        self.used += flat.size
+        self.size += len(pieces)
+        slot = self._home(k1, k2)
+        while slot.size:  # each free slot takes one of the keys that want it (the one whose
+            # index a single scatter left there), the others move one slot on
+            free = np.flatnonzero(self.k2[slot] == 0)
+            self.owner[slot[free]] = free
+            won = free[self.owner[slot[free]] == free]
+            at = slot[won]
+            self.k1[at], self.k2[at], self.off[at], self.cnt[at] = k1[won], k2[won], off[won], cnt[won]
+            left = np.ones(slot.size, dtype=bool)
+            left[won] = False
+            slot, k1, k2 = (slot[left] + 1) & self.mask, k1[left], k2[left]
+            off, cnt = off[left], cnt[left]
 
 
 class _PairTable:
@@ -253,6 +342,7 @@ class Tokenizer:
         self._cache: dict[str, bytes] = {}  # pre-token -> packed ids (see ``_pretoken_ids``)
         self._cache_size = cache_size
         self._words = _WordCache(cache_size // 2)
+        self._short = _ShortWords(cache_size // 2, self._dtype)
         self._loose: dict[str, bytes] = {}  # see ``_loose_word``
         self.block_chars = 1 << 20  # text per fast-path call (see ``_blocks``)
 
@@ -491,8 +581,64 @@ class Tokenizer:
                 parts.append(self._special_bytes[piece])
             else:
                 for block in _blocks(piece, self.block_chars):
-                    parts.append(b"".join(self._encode_text(block)))
+                    parts.append(self._encode_block(block))
         return np.frombuffer(b"".join(parts), dtype=self._dtype)
+
+    def _encode_block(self, text: str) -> bytes:
+        """Packed ids of ``text`` (no special tokens): the pieces between spaces that the short-word
+        table holds are looked up in numpy; the others (and the first piece, which has no space
+        before it) go through ``_encode_text``, and its new words join the table."""
+        raw = text.encode("utf-8", "surrogatepass")
+        spaces = np.flatnonzero(np.frombuffer(raw, dtype=np.uint8) == 32)
+        starts = np.r_[0, spaces + 1]
+        lens = np.r_[spaces, len(raw)] - starts
+        short = self._short
+        k1, k2 = short.keys(raw + bytes(16), starts, lens)
+        k2[0] = short._NEVER  # the first piece has no space before it
+        slot = short.find(k1, k2)
+        other = np.flatnonzero(slot < 0)  # pieces for ``_encode_text``, in order
+        everything = 2 * other.size > slot.size  # cold cache: all pieces through the word cache
+        if everything:
+            res = self._encode_text(text.split(" "))
+        else:
+            bounds = map(slice, starts[other].tolist(), (starts[other] + lens[other]).tolist())
+            pieces = list(map(bytes.decode, map(raw.__getitem__, bounds), repeat("utf-8"), repeat("surrogatepass")))
+            res = self._encode_text(pieces, other)
+        self._learn_short()
+        if everything:
+            return b"".join(res)
+        # interleave: table words' ids from the store, the others' from ``res``
+        found = slot >= 0
+        cnt = np.empty(slot.size, dtype=np.int64)
+        cnt[found] = short.cnt[slot[found]]
+        size = self._dtype.itemsize
+        cnt[other] = np.fromiter(map(len, res), dtype=np.int64, count=len(res)) // size
+        out = np.empty(int(cnt.sum()), dtype=self._dtype)
+        from_store = np.repeat(found, cnt)
+        c = cnt[found]
+        first = short.off[slot[found]]
+        out[from_store] = short.store[np.arange(int(c.sum())) + np.repeat(first - (np.cumsum(c) - c), c)]
+        out[~from_store] = np.frombuffer(b"".join(res), dtype=self._dtype)
+        return out.tobytes()
+
+    def _learn_short(self) -> None:
+        """Put the last ``_encode_text`` call's new words that fit into the short-word table
+        (cleared together with the word cache, so the two hold the same words)."""
+        words, short = self._words, self._short
+        if words.cleared:
+            short.clear()
+        new = words.new  # all non-empty: the word cache stores no empty piece
+        if not new:
+            return
+        raw = list(map(str.encode, new, repeat("utf-8"), repeat("surrogatepass")))
+        lens = np.fromiter(map(len, raw), dtype=np.int64, count=len(raw))
+        ws = np.fromiter(map(str.isspace, map(itemgetter(0), new)), dtype=bool, count=len(new))
+        keep = np.flatnonzero((lens <= short.MAX_BYTES) & ~ws).tolist()  # short, start a word
+        if short.size + len(keep) > short.max_entries:
+            short.clear()
+            words.clear()
+            return
+        short.add(list(map(raw.__getitem__, keep)), list(map(words.new_ids.__getitem__, keep)))
 
     def _encode_plain(self, text: str) -> bytes:
         """Packed ids of ``text`` (no special tokens) through the full GPT-2 regex."""
@@ -517,8 +663,10 @@ class Tokenizer:
             cache.update(zip(new, map(self._pack, map(self._bpe, new))))
         return list(map(cache.__getitem__, toks))
 
-    def _encode_text(self, text: str) -> list[bytes]:
-        """Packed ids of ``text`` (no special tokens) as a list of pieces, in order.
+    def _encode_text(self, pieces: list[str], where: np.ndarray | None = None) -> list[bytes]:
+        """Packed ids of the pieces of a text (no special tokens) split at every " ", in order.
+        With ``where`` (each piece's index in the text's split), the pieces may have gaps: the
+        table words of ``_encode_block``, before and after which a cut is exact.
 
         Why cutting at spaces is exact: a cut just before a " " whose preceding character is not
         whitespace never splits a pre-token (only the whitespace alternatives span a character
@@ -536,7 +684,6 @@ class Tokenizer:
         """
         words = self._words
         words.start_call()
-        pieces = text.split(" ")
         res: list = list(map(words.__getitem__, pieces))  # hits in C; misses get slots
         if words.new:
             try:
@@ -551,7 +698,12 @@ class Tokenizer:
         i = 0
         while True:
             j = i
-            while j + 1 < n and res[j] is _UNSAFE and not _starts_word(pieces[j + 1]):
+            while (
+                j + 1 < n
+                and res[j] is _UNSAFE
+                and not _starts_word(pieces[j + 1])
+                and (where is None or where[j + 1] == where[j] + 1)
+            ):
                 j += 1
             if 0 < i == j:  # one word, e.g. " end.\n" before " Next": cached apart
                 res[i] = self._loose_word(pieces[i])

@@ -12,7 +12,7 @@ import pytest
 import regex
 import tiktoken
 from cs336_basics.bpe import train_bpe
-from cs336_basics.tokenizer import Tokenizer, bytes_to_unicode
+from cs336_basics.tokenizer import Tokenizer, _ShortWords, bytes_to_unicode
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -187,7 +187,30 @@ def test_new_words_repeated_in_one_call_share_their_slot(gpt2_dir):
     assert tok.encode(text) == plain_encode(tok, text)
     assert all(isinstance(v, bytes) for v in tok._words.values())
     assert "zyxwvut," in tok._words and long_word not in tok._words
+    assert tok._short.size > 0  # and the short-word table holds the short ones
     assert tok.encode(text) == plain_encode(tok, text)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.sets(st.binary(min_size=0, max_size=17), max_size=60), st.sets(st.binary(max_size=17)))
+def test_short_word_table_is_exact(stored, probes):
+    """The numpy short-word table finds exactly the pieces stored in it (1-15 bytes), with
+    their ids; a prefix, a piece with trailing zero bytes, or a longer piece is not found."""
+    table = _ShortWords(max_entries=64, dtype=np.dtype(np.uint16))
+    stored = sorted(b for b in stored if 1 <= len(b) <= 15)
+    ids = [np.arange(i % 3 + 1, dtype=np.uint16).tobytes() + bytes([i, 0]) for i in range(len(stored))]
+    if stored:
+        table.add(stored, ids)
+    pieces = stored + sorted(probes) + [b + b"\0" for b in stored] + [b[:-1] for b in stored]
+    lens = np.array([len(b) for b in pieces], dtype=np.int64)
+    k1, k2 = table.keys(b"".join(pieces) + bytes(16), np.cumsum(lens) - lens, lens)
+    slot = table.find(k1, k2)
+    for piece, s in zip(pieces, slot.tolist()):
+        if piece in stored:
+            want = np.frombuffer(ids[stored.index(piece)], dtype=np.uint16)
+            assert s >= 0 and table.store[table.off[s] : table.off[s] + table.cnt[s]].tolist() == want.tolist()
+        else:
+            assert s == -1, piece
 
 
 def gpt2_merge_loop(tok: Tokenizer, ids: list[int]) -> list[int]:
