@@ -5,7 +5,9 @@ tokens, or whitespace no pre-token spans; ``pretokenize.chunk_boundaries``) and 
 in worker processes: uint16 ids when every id fits (vocab <= 65,536), else uint32. A JSON sidecar
 ``<out>.json`` records dtype, token count and bytes per token.
 
-Each worker owns a contiguous run of chunks and takes them front to back; one that runs out takes
+Workers are forked with the tokenizer loaded and its short-word table in shared memory
+(``Tokenizer.share_short_words``): a word one worker has learned is a hit for the others. Each
+worker owns a contiguous run of chunks and takes them front to back; one that runs out takes
 chunks from the back of the run with the most left (so the work stays balanced and each worker
 sees mostly one part of the file: fewer words to learn twice). Workers read their chunks from the
 file themselves and append the ids to a part file of their own (``<out>.tmp.<worker>``); only
@@ -161,8 +163,11 @@ def tokenize_file(
             _init_worker(job, False)
             done = [_work(0)]
         else:
-            # fork: workers inherit the loaded tokenizer instead of re-reading the files
+            # fork: workers inherit the loaded tokenizer instead of re-reading the files, and
+            # share its short-word table (each new short word is learned once for all)
             ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+            if ctx.get_start_method() == "fork":
+                tok.share_short_words(ctx.Lock())
             pool = ctx.Pool(num_workers, _init_worker, (job, True))
             result = pool.map_async(_work, range(num_workers))
             while not result.ready():

@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import heapq
 import json
+import mmap
 import os
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import nullcontext
 from functools import lru_cache
-from itertools import pairwise, repeat
+from itertools import compress, pairwise, repeat
 from operator import itemgetter
 from pathlib import Path
 
@@ -90,7 +92,7 @@ _UNSAFE = bytes(1)
 # Longer pieces (e.g. text without spaces) are encoded but not cached.
 _MAX_WORD_CHARS = 64
 # From this many new pre-tokens on, BPE runs batched in numpy (``Tokenizer._bpe_batch``).
-_BATCH_MIN = 500
+_BATCH_MIN = 50
 
 
 class _WordCache(dict):
@@ -163,21 +165,40 @@ class _ShortWords:
     _MASKS = np.array([(1 << (8 * n)) - 1 for n in range(9)], dtype=np.uint64)
     _NEVER = np.uint64(31 << 56)  # the length field of a piece the table cannot hold
 
-    def __init__(self, max_entries: int, dtype: np.dtype):
-        self.max_entries = max_entries
-        bits = max(4, (2 * max_entries).bit_length())
+    def __init__(self, max_entries: int, dtype: np.dtype, lock=None):
+        """With a ``lock`` (a ``multiprocessing`` lock) the table lives in shared memory: processes
+        forked after this see each other's words (the ``tokenize`` CLI's workers learn each new
+        word once). ``find`` and ``add`` then hold the lock, and the table is never cleared (an
+        entry, once written, never changes); when it is full it stops taking words."""
+        self.max_entries, self.lock = max_entries, lock
+        bits = max(4, (2 * max_entries - 1).bit_length())  # load <= 1/2
         self.shift, self.mask = np.uint64(64 - bits), (1 << bits) - 1
-        self.k1 = np.zeros(1 << bits, dtype=np.uint64)
-        self.k2 = np.zeros(1 << bits, dtype=np.uint64)  # 0: empty slot (a length is >= 1)
-        self.off = np.zeros(1 << bits, dtype=np.int64)  # the ids: store[off : off + cnt]
-        self.cnt = np.zeros(1 << bits, dtype=np.int64)
-        self.owner = np.zeros(1 << bits, dtype=np.int64)  # scratch for ``add``
-        self.store = np.zeros(1 << 16, dtype=dtype)
-        self.size = self.used = 0  # entries, ids in the store
+        store_size = 1 << 16 if lock is None else 4 * max_entries
+        itemsize = np.dtype(dtype).itemsize
+        mem = mmap.mmap(-1, 8 * (5 << bits) + 16 + itemsize * store_size) if lock else None
+
+        def array(n: int, dt, offset: int) -> np.ndarray:
+            if mem is None:
+                return np.zeros(n, dtype=dt)
+            return np.frombuffer(mem, dtype=dt, count=n, offset=offset)  # MAP_SHARED, zeroed
+
+        n = 1 << bits
+        self.k1 = array(n, np.uint64, 0)
+        self.k2 = array(n, np.uint64, 8 * n)  # 0: empty slot (a length is >= 1)
+        self.off = array(n, np.int64, 16 * n)  # the ids: store[off : off + cnt]
+        self.cnt = array(n, np.int64, 24 * n)
+        self.owner = array(n, np.int64, 32 * n)  # scratch for ``add``
+        self._counts = array(2, np.int64, 40 * n)  # entries, ids in the store
+        self.store = array(store_size, dtype, 40 * n + 16)
+
+    @property
+    def size(self) -> int:
+        return int(self._counts[0])
 
     def clear(self) -> None:
+        assert self.lock is None, "a shared table is never cleared"
         self.k2[:] = 0
-        self.size = self.used = 0
+        self._counts[:] = 0
 
     def keys(self, buf: bytes, starts: np.ndarray, lens: np.ndarray):
         """Keys of the pieces ``buf[start : start + len]``; ``buf`` ends in 16 zero bytes.
@@ -194,6 +215,10 @@ class _ShortWords:
 
     def find(self, k1, k2) -> np.ndarray:
         """Slot of each key, -1 where absent."""
+        with self.lock or nullcontext():
+            return self._find(k1, k2)
+
+    def _find(self, k1, k2) -> np.ndarray:
         slot = self._home(k1, k2)
         out = np.full(k1.size, -1, dtype=np.int64)
         todo = np.arange(k1.size)
@@ -205,20 +230,34 @@ class _ShortWords:
             todo, slot, k1, k2 = todo[go_on], (slot[go_on] + 1) & self.mask, k1[go_on], k2[go_on]
         return out
 
-    def add(self, pieces: list[bytes], ids: list[bytes]) -> None:
-        """Store distinct new pieces (1-15 bytes, absent from the table) with their packed ids."""
+    def add(self, pieces: list[bytes], ids: list[bytes]) -> bool:
+        """Store distinct pieces (1-15 bytes) with their packed ids; False (and nothing stored)
+        if that would pass ``max_entries``. Pieces already in the table (put there by another
+        process) are skipped."""
         lens = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
         k1, k2 = self.keys(b"".join(pieces) + bytes(16), np.cumsum(lens) - lens, lens)
-        flat = np.frombuffer(b"".join(ids), dtype=self.store.dtype)
-        cnt = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)) // flat.itemsize
-        if self.used + flat.size > self.store.size:
-            grown = np.zeros(2 * (self.used + flat.size), dtype=self.store.dtype)
-            grown[: self.used] = self.store[: self.used]
+        cnt = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)) // self.store.itemsize
+        with self.lock or nullcontext():
+            if self.lock is not None:
+                new = self._find(k1, k2) < 0
+                if not new.all():
+                    k1, k2, cnt = k1[new], k2[new], cnt[new]
+                    ids = list(compress(ids, new.tolist()))
+            return self._add(k1, k2, cnt, np.frombuffer(b"".join(ids), dtype=self.store.dtype))
+
+    def _add(self, k1, k2, cnt, flat) -> bool:
+        size, used = self._counts.tolist()
+        if size + k1.size > self.max_entries:
+            return False
+        if used + flat.size > self.store.size:
+            if self.lock is not None:
+                return False
+            grown = np.zeros(2 * (used + flat.size), dtype=self.store.dtype)
+            grown[:used] = self.store[:used]
             self.store = grown
-        self.store[self.used : self.used + flat.size] = flat
-        off = self.used + np.cumsum(cnt) - cnt
-        self.used += flat.size
-        self.size += len(pieces)
+        self.store[used : used + flat.size] = flat
+        off = used + np.cumsum(cnt) - cnt
+        self._counts[:] = size + k1.size, used + flat.size
         slot = self._home(k1, k2)
         while slot.size:  # each free slot takes one of the keys that want it (the one whose
             # index a single scatter left there), the others move one slot on
@@ -226,11 +265,13 @@ class _ShortWords:
             self.owner[slot[free]] = free
             won = free[self.owner[slot[free]] == free]
             at = slot[won]
-            self.k1[at], self.k2[at], self.off[at], self.cnt[at] = k1[won], k2[won], off[won], cnt[won]
+            self.k1[at], self.off[at], self.cnt[at] = k1[won], off[won], cnt[won]
+            self.k2[at] = k2[won]  # last: a set k2 marks the slot as taken
             left = np.ones(slot.size, dtype=bool)
             left[won] = False
             slot, k1, k2 = (slot[left] + 1) & self.mask, k1[left], k2[left]
             off, cnt = off[left], cnt[left]
+        return True
 
 
 class _PairTable:
@@ -623,9 +664,11 @@ class Tokenizer:
 
     def _learn_short(self) -> None:
         """Put the last ``_encode_text`` call's new words that fit into the short-word table
-        (cleared together with the word cache, so the two hold the same words)."""
+        (a private table is cleared together with the word cache, so the two hold the same
+        words)."""
         words, short = self._words, self._short
-        if words.cleared:
+        shared = short.lock is not None
+        if words.cleared and not shared:
             short.clear()
         new = words.new  # all non-empty: the word cache stores no empty piece
         if not new:
@@ -634,11 +677,16 @@ class Tokenizer:
         lens = np.fromiter(map(len, raw), dtype=np.int64, count=len(raw))
         ws = np.fromiter(map(str.isspace, map(itemgetter(0), new)), dtype=bool, count=len(new))
         keep = np.flatnonzero((lens <= short.MAX_BYTES) & ~ws).tolist()  # short, start a word
-        if short.size + len(keep) > short.max_entries:
-            short.clear()
-            words.clear()
-            return
-        short.add(list(map(raw.__getitem__, keep)), list(map(words.new_ids.__getitem__, keep)))
+        if keep:
+            added = short.add(list(map(raw.__getitem__, keep)), list(map(words.new_ids.__getitem__, keep)))
+            if not added and not shared:
+                short.clear()
+                words.clear()
+
+    def share_short_words(self, lock) -> None:
+        """Move the short-word table into shared memory (empty), so that processes forked
+        after this call learn each short word once for all of them (``tokenize_corpus``)."""
+        self._short = _ShortWords(self._short.max_entries, self._dtype, lock)
 
     def _encode_plain(self, text: str) -> bytes:
         """Packed ids of ``text`` (no special tokens) through the full GPT-2 regex."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import multiprocessing as mp
 import random
 from pathlib import Path
 
@@ -211,6 +212,24 @@ def test_short_word_table_is_exact(stored, probes):
             assert s >= 0 and table.store[table.off[s] : table.off[s] + table.cnt[s]].tolist() == want.tolist()
         else:
             assert s == -1, piece
+
+
+@pytest.mark.skipif("fork" not in mp.get_all_start_methods(), reason="needs fork")
+def test_shared_short_word_table_across_fork(gpt2_dir):
+    """After ``share_short_words``, a word learned in a forked child is a table hit in the parent
+    (and encodes right); a word both learn is stored once."""
+    tok = Tokenizer.from_files(gpt2_dir / "vocab.json", gpt2_dir / "merges.txt", [EOT])
+    ctx = mp.get_context("fork")
+    tok.share_short_words(ctx.Lock())
+    text = "xylophonist quokkas, wombats\nand zyzzyvas"
+    child = ctx.Process(target=tok.encode, args=(text,))
+    child.start()
+    child.join()
+    assert child.exitcode == 0
+    learned = tok._short.size
+    assert learned > 0 and not tok._words  # the parent has not seen the words itself
+    assert tok.encode(text) == plain_encode(tok, text)
+    assert tok._short.size == learned  # nothing added twice
 
 
 def gpt2_merge_loop(tok: Tokenizer, ids: list[int]) -> list[int]:
