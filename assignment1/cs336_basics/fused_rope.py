@@ -28,26 +28,31 @@ BLOCK_PAIRS = 2048  # (position, pair) entries per program: BLOCK_T positions ×
 
 @triton.jit
 def _rope_kernel(x_ptr, sx_b, sx_h, sx_t, out_ptr, so_b, so_h, so_t, pos_ptr, sp_b, sp_h, sp_t,
-                 cos_ptr, sin_ptr, H, T, HALF, sign, BLOCK_T: tl.constexpr, BLOCK_HALF: tl.constexpr):
+                 cos_ptr, sin_ptr, H, T, sign, HALF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_HALF: tl.constexpr):
     """One (batch, head) and BLOCK_T positions of a ``(B, H, T, D)`` tensor, last dim contiguous
-    (in and out); ``sign`` -1 rotates backwards. cos/sin: ``(max_seq_len, HALF)`` contiguous."""
+    (in and out); ``sign`` -1 rotates backwards. cos/sin: ``(max_seq_len, HALF)`` contiguous.
+
+    Each row of ``x`` is read and written whole (contiguous, vectorized accesses) and split into
+    its even/odd lanes in registers: loading ``x[2i]`` and ``x[2i+1]`` as two stride-2 gathers
+    instead ran at ~0.3 TB/s on an H200 (3.75 ms of a 21 ms training step)."""
     bh = tl.program_id(0)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     ts = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     i = tl.arange(0, BLOCK_HALF)
-    mask = (ts[:, None] < T) & (i[None, :] < HALF)
+    d = tl.arange(0, 2 * BLOCK_HALF)
+    row_ok = ts[:, None] < T
+    pair_mask = row_ok & (i[None, :] < HALF)
+    lane_mask = row_ok & (d[None, :] < 2 * HALF)
     pos = tl.load(pos_ptr + b * sp_b + h * sp_h + ts * sp_t, mask=ts < T, other=0)
     angle_offs = pos[:, None] * HALF + i[None, :]
-    cos = tl.load(cos_ptr + angle_offs, mask=mask, other=0.0)
-    sin = tl.load(sin_ptr + angle_offs, mask=mask, other=0.0) * sign
-    x_even = x_ptr + b * sx_b + h * sx_h + ts[:, None] * sx_t + 2 * i[None, :]
-    x1 = tl.load(x_even, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(x_even + 1, mask=mask, other=0.0).to(tl.float32)
-    out_even = out_ptr + b * so_b + h * so_h + ts[:, None] * so_t + 2 * i[None, :]
-    dtype = out_ptr.dtype.element_ty
-    tl.store(out_even, (x1 * cos - x2 * sin).to(dtype), mask=mask)
-    tl.store(out_even + 1, (x1 * sin + x2 * cos).to(dtype), mask=mask)
+    cos = tl.load(cos_ptr + angle_offs, mask=pair_mask, other=0.0)
+    sin = tl.load(sin_ptr + angle_offs, mask=pair_mask, other=0.0) * sign
+    x = tl.load(x_ptr + b * sx_b + h * sx_h + ts[:, None] * sx_t + d[None, :], mask=lane_mask, other=0.0)
+    x1, x2 = tl.split(tl.reshape(x.to(tl.float32), (BLOCK_T, BLOCK_HALF, 2)))  # even, odd lanes
+    rotated = tl.reshape(tl.join(x1 * cos - x2 * sin, x1 * sin + x2 * cos), (BLOCK_T, 2 * BLOCK_HALF))
+    out = out_ptr + b * so_b + h * so_h + ts[:, None] * so_t + d[None, :]
+    tl.store(out, rotated.to(out_ptr.dtype.element_ty), mask=lane_mask)
 
 
 def _as_4d(t: Tensor) -> Tensor:
@@ -63,7 +68,7 @@ def _rotate(x: Tensor, out: Tensor, pos: Tensor, cos: Tensor, sin: Tensor, sign:
     block_t = min(max(1, BLOCK_PAIRS // block_half), triton.next_power_of_2(t))
     _rope_kernel[(b * h, triton.cdiv(t, block_t))](
         x, x.stride(0), x.stride(1), x.stride(2), out, out.stride(0), out.stride(1), out.stride(2),
-        pos, pos.stride(0), pos.stride(1), pos.stride(2), cos, sin, h, t, half, sign,
+        pos, pos.stride(0), pos.stride(1), pos.stride(2), cos, sin, h, t, sign, HALF=half,
         BLOCK_T=block_t, BLOCK_HALF=block_half, num_warps=4)
 
 
