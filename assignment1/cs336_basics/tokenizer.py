@@ -202,12 +202,12 @@ class _ShortWords:
 
     def keys(self, buf: bytes, starts: np.ndarray, lens: np.ndarray):
         """Keys of the pieces ``buf[start : start + len]``; ``buf`` ends in 16 zero bytes.
-        A piece of another length gets a key no entry has."""
+        A piece of another length gets the key ``(k1, _NEVER)``, which no entry has."""
         win = np.ndarray((len(buf) - 7,), dtype=np.uint64, buffer=buf, strides=(1,))  # unaligned
         k1 = win[starts] & self._MASKS[np.minimum(lens, 8)]
         k2 = win[starts + 8] & self._MASKS[np.clip(lens - 8, 0, 7)]
         fits = (lens >= 1) & (lens <= self.MAX_BYTES)
-        k2 |= np.where(fits, lens.astype(np.uint64) << np.uint64(56), self._NEVER)
+        k2 = np.where(fits, k2 | (lens.astype(np.uint64) << np.uint64(56)), self._NEVER)
         return k1, k2
 
     def _home(self, k1, k2) -> np.ndarray:

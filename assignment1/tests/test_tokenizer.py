@@ -232,6 +232,20 @@ def test_shared_short_word_table_across_fork(gpt2_dir):
     assert tok._short.size == learned  # nothing added twice
 
 
+def test_new_words_next_to_table_words(gpt2_dir):
+    """In a block of mostly known words, new words go straight into the short-word table;
+    pieces too long for it (here two that share their first 15 bytes) must not."""
+    tok = Tokenizer.from_files(gpt2_dir / "vocab.json", gpt2_dir / "merges.txt", [EOT])
+    common = " ".join(["the cat sat on a mat and"] * 20)
+    tok.encode(common)
+    for text in [
+        common + " representation\nTaxing " + common + " representation\nThis is",
+        common + " qwertyuiopasdfghjk qwertyuiopasdfghjz zxcv zxcv\n  zxcv, " + common,
+    ]:
+        assert tok.encode(text) == plain_encode(tok, text)
+        assert tok.encode(text) == plain_encode(tok, text)  # again, from the table
+
+
 def gpt2_merge_loop(tok: Tokenizer, ids: list[int]) -> list[int]:
     """GPT-2's ``encoder.py`` loop, written from the paper's code: find the lowest-rank adjacent
     pair, merge all its occurrences left to right, repeat."""
