@@ -18,6 +18,8 @@ Variants ``{impl}-{mode}[-{optimizer}[-{loss}[-{ops}]]]``:
   ``torch.optim.AdamW(fused=True)``.
 - mode ``compiled`` = ``torch.compile`` of the model, and of the loss function where it is PyTorch
   ops (not the Triton one); optimizers are not compiled.
+- mode ``graphed`` = ``compiled`` with ``mode="reduce-overhead"`` (CUDA graphs over the compiled
+  forward and backward; not yet measured), e.g. ``--variants hf-graphed ours-graphed-fused-tritonce``.
 
 Each variant: warm-up steps (compilation included) excluded, then ``--steps`` timed steps, each
 timed with ``torch.cuda.synchronize()``; median reported. Then ``--profile-steps`` steps under
@@ -60,7 +62,7 @@ def make_variant(name: str, cfg, device):
     """(model, optimizer, loss_fn, clip_fn) for a variant name (see the module docstring)."""
     impl, mode, *rest = name.split("-")
     opt_impl, loss_impl, ops_impl = (rest + ["foreach", "torchce", "torchops"][len(rest):])[:3]
-    assert impl in ("ours", "hf") and mode in ("eager", "compiled"), name
+    assert impl in ("ours", "hf") and mode in ("eager", "compiled", "graphed"), name
     assert opt_impl in ("foreach", "fused") and loss_impl in ("torchce", "tritonce"), name
     assert ops_impl == "torchops" or (ops_impl == "tritonops" and mode == "eager"), name
     cs336_model.FUSED_KERNELS = ops_impl == "tritonops"  # read at every forward: holds until the next variant
@@ -75,8 +77,9 @@ def make_variant(name: str, cfg, device):
         opt = torch.optim.AdamW(model.parameters(), fused=True, **kw)
         loss_fn = lambda logits, y: F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
         clip_fn = torch.nn.utils.clip_grad_norm_
-    if mode == "compiled":  # model and (PyTorch-ops) loss, for both sides
-        model = torch.compile(model)
+    if mode in ("compiled", "graphed"):  # model and (PyTorch-ops) loss, for both sides
+        # graphed: inductor's CUDA graphs replay the model's forward and backward (no launch gaps)
+        model = torch.compile(model, mode="reduce-overhead" if mode == "graphed" else "default")
         if loss_fn is not triton_cross_entropy:
             loss_fn = torch.compile(loss_fn)
     return model, opt, loss_fn, clip_fn
