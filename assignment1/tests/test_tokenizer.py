@@ -13,7 +13,8 @@ import pytest
 import regex
 import tiktoken
 from cs336_basics.bpe import train_bpe
-from cs336_basics.tokenizer import Tokenizer, _ShortWords, bytes_to_unicode
+from cs336_basics.hash_tables import ShortWordTable
+from cs336_basics.tokenizer import Tokenizer, bytes_to_unicode
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -197,7 +198,7 @@ def test_new_words_repeated_in_one_call_share_their_slot(gpt2_dir):
 def test_short_word_table_is_exact(stored, probes):
     """The numpy short-word table finds exactly the pieces stored in it (1-15 bytes), with
     their ids; a prefix, a piece with trailing zero bytes, or a longer piece is not found."""
-    table = _ShortWords(max_entries=64, dtype=np.dtype(np.uint16))
+    table = ShortWordTable(max_entries=64, dtype=np.dtype(np.uint16))
     stored = sorted(b for b in stored if 1 <= len(b) <= 15)
     ids = [np.arange(i % 3 + 1, dtype=np.uint16).tobytes() + bytes([i, 0]) for i in range(len(stored))]
     if stored:
