@@ -5,7 +5,9 @@ responses each from the rollout engine, score them (``grading.r1_zero_reward_fn`
 rewards within each group, then take ``epochs_per_rollout_batch * rollout_batch_size /
 train_batch_size`` optimizer steps on the batch (on-policy when that is 1, off-policy otherwise,
 with old log-probs from a forward pass before training). Losses, advantages and length
-normalization are the pure functions of ``losses.py``.
+normalization are the pure functions of ``losses.py``. ``--dynamic_sampling_rounds N`` (DAPO's
+dynamic sampling, Yu et al. 2025) samples up to N rounds of questions per step and trains first on
+the groups whose rewards differ: with sparse rewards most groups are all-wrong and add no gradient.
 
     cs336-alignment grpo --model ../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf \\
         --n_grpo_steps 100 --rollout_batch_size 256 --group_size 8 --loss_type grpo_clip
@@ -77,6 +79,8 @@ class GRPOConfig:
     advantage_eps: float = field(1e-6, "added to the group std")
     rollout_batch_size: int = field(256, "responses per GRPO step (questions x group_size)")
     group_size: int = field(8, "responses per question")
+    dynamic_sampling_rounds: int = field(1, "DAPO dynamic sampling: up to this many rollout rounds per step, "
+                                         "training first on the groups whose rewards differ (1 = off)")
     sampling_temperature: float = field(1.0, "rollout temperature")
     sampling_top_p: float = field(1.0, "rollout nucleus mass")
     sampling_min_tokens: int = field(4, "no EOS/stop before this many tokens")
@@ -106,6 +110,8 @@ class GRPOConfig:
     rollout_max_batch_size: int = field(512, "sequences decoded at once by the rollout engine")
 
     def __post_init__(self):
+        if self.dynamic_sampling_rounds < 1:
+            raise ValueError("dynamic_sampling_rounds must be >= 1 (1 = off)")
         if self.rollout_batch_size % self.group_size:
             raise ValueError("rollout_batch_size must be a multiple of group_size")
         if self.train_batch_size % self.gradient_accumulation_steps:
@@ -190,24 +196,47 @@ def train_grpo(
         if last:
             break
 
-        # ---- rollouts: G responses for each of n_questions questions (seeded by step: resumable)
+        # ---- rollouts and scoring: G responses for each of n_questions questions (seeded by step:
+        # resumable); with dynamic sampling, more rounds until n_questions groups have rewards that
+        # differ (all-equal groups have zero advantage), all-equal ones filling what is left
         t0 = time.perf_counter()
         engine.load_weights(policy.model)  # in-place copy into the rollout engine's weights
-        rng = random.Random(cfg.seed * 1_000_003 + step)
-        picked = rng.sample(range(len(train_examples)), n_questions) if n_questions <= len(train_examples) \
-            else [rng.randrange(len(train_examples)) for _ in range(n_questions)]
-        prompt_ids = prompt_token_ids(tokenizer, [train_prompts[i] for i in picked])
-        params = SamplingParams(temperature=cfg.sampling_temperature, top_p=cfg.sampling_top_p,
-                                max_new_tokens=cfg.sampling_max_tokens, min_new_tokens=cfg.sampling_min_tokens,
-                                stop=cfg.stop, n=cfg.group_size, seed=cfg.seed * 1_000_003 + step)
-        outs = engine.generate(prompt_ids, params)
-        completions = [c for group in outs for c in group]  # group by group, as group_normalize expects
-        t1 = time.perf_counter()
-
-        # ---- scoring and group-normalized advantages
-        truths = [train_examples[i]["answer"] for i in picked for _ in range(cfg.group_size)]
-        advantages, raw_rewards, reward_meta = losses.compute_group_normalized_rewards(
-            reward_fn, [c.text for c in completions], truths, cfg.group_size, cfg.advantage_eps, cfg.use_std_normalization)
+        kept: list[tuple[list[int], list[Any], torch.Tensor]] = []  # prompt ids, G completions, G rewards
+        fillers: list[tuple[list[int], list[Any], torch.Tensor]] = []
+        rollout_s = scoring_s = 0.0
+        generated = 0  # tokens sampled in all rounds
+        for rnd in range(cfg.dynamic_sampling_rounds):
+            t_round = time.perf_counter()
+            seed = cfg.seed * 1_000_003 + step + rnd * 1_000_000_007
+            rng = random.Random(seed)
+            picked = rng.sample(range(len(train_examples)), n_questions) if n_questions <= len(train_examples) \
+                else [rng.randrange(len(train_examples)) for _ in range(n_questions)]
+            prompt_ids = prompt_token_ids(tokenizer, [train_prompts[i] for i in picked])
+            params = SamplingParams(temperature=cfg.sampling_temperature, top_p=cfg.sampling_top_p,
+                                    max_new_tokens=cfg.sampling_max_tokens, min_new_tokens=cfg.sampling_min_tokens,
+                                    stop=cfg.stop, n=cfg.group_size, seed=seed)
+            outs = engine.generate(prompt_ids, params)
+            t_scored = time.perf_counter()
+            truths = [train_examples[i]["answer"] for i in picked for _ in range(cfg.group_size)]
+            _, round_rewards, round_meta = losses.compute_group_normalized_rewards(
+                reward_fn, [c.text for group in outs for c in group], truths, cfg.group_size,
+                cfg.advantage_eps, cfg.use_std_normalization)
+            if rnd == 0:
+                reward_meta = round_meta  # the policy's own reward statistics (round 0 is an unbiased sample)
+            useful = losses.informative_groups(round_rewards, cfg.group_size).tolist()
+            for j, (ids, group) in enumerate(zip(prompt_ids, outs)):
+                rewards = round_rewards[j * cfg.group_size:(j + 1) * cfg.group_size]
+                (kept if useful[j] or cfg.dynamic_sampling_rounds == 1 else fillers).append((ids, group, rewards))
+            rollout_s += t_scored - t_round
+            generated += sum(len(c.token_ids) for group in outs for c in group)
+            scoring_s += time.perf_counter() - t_scored
+            if len(kept) >= n_questions:
+                break
+        batch_groups = (kept + fillers)[:n_questions]
+        prompt_ids = [ids for ids, _, _ in batch_groups]
+        completions = [c for _, group, _ in batch_groups for c in group]  # group by group
+        raw_rewards = torch.cat([r for _, _, r in batch_groups])
+        advantages = losses.group_normalize(raw_rewards, cfg.group_size, cfg.advantage_eps, cfg.use_std_normalization)
         t2 = time.perf_counter()
 
         # ---- training on the rollout batch (the sampled token ids, not a re-tokenization of the text)
@@ -252,6 +281,8 @@ def train_grpo(
             **{k.removesuffix("_mean"): v for k, v in reward_meta.items() if k.endswith("_mean")},
             "reward_std": reward_meta["reward_std"],
             "frac_groups_all_equal": reward_meta["frac_groups_all_equal"],
+            "frac_trained_groups_informative": losses.informative_groups(raw_rewards, cfg.group_size).float().mean().item(),
+            "sampling_rounds": rnd + 1,
             "loss": sums["loss"] * cfg.gradient_accumulation_steps / max(1, n_micro),
             "entropy": sums["entropy"] / max(1, n_micro),
             "clip_fraction": sums["clip_fraction"] / max(1, n_micro),
@@ -259,11 +290,11 @@ def train_grpo(
             "response_tokens": sum(lengths) / len(lengths),
             "frac_truncated": sum(c.finish_reason == "length" for c in completions) / len(completions),
             "lr": lr,
-            "rollout_s": t1 - t0,
-            "scoring_s": t2 - t1,
+            "rollout_s": rollout_s,
+            "scoring_s": scoring_s,
             "training_s": t3 - t2,
             "step_s": t3 - t0,
-            "rollout_tok_per_s": sum(lengths) / max(t1 - t0, 1e-9),
+            "rollout_tok_per_s": generated / max(rollout_s, 1e-9),
         }
         log.log("train", step + 1, **record)
         final.update(record)

@@ -195,15 +195,22 @@ def compute_group_normalized_rewards(
     return advantages, raw_rewards, reward_metadata(scores, raw_rewards, group_size)
 
 
+def informative_groups(raw_rewards: Tensor, group_size: int) -> Tensor:
+    """``(N,) -> (N / group_size,)`` bool: the groups whose rewards are not all equal. The others get
+    zero advantage after group normalization, so they add no policy gradient (DAPO's dynamic
+    sampling, Yu et al. 2025, trains on the informative ones only)."""
+    grouped = raw_rewards.reshape(-1, group_size)
+    return (grouped != grouped[:, :1]).any(dim=-1)
+
+
 def reward_metadata(scores: list[dict[str, float]], raw_rewards: Tensor, group_size: int) -> dict[str, float]:
     """Summary statistics of one rollout batch's rewards (for logging)."""
-    grouped = raw_rewards.reshape(-1, group_size)
     meta = {
         "reward_mean": raw_rewards.mean().item(),
         "reward_std": raw_rewards.std().item() if raw_rewards.numel() > 1 else 0.0,
         "reward_max": raw_rewards.max().item(),
         "reward_min": raw_rewards.min().item(),
-        "frac_groups_all_equal": (grouped == grouped[:, :1]).all(dim=-1).float().mean().item(),
+        "frac_groups_all_equal": 1.0 - informative_groups(raw_rewards, group_size).float().mean().item(),
     }
     for key in scores[0] if scores else ():
         if key != "reward":

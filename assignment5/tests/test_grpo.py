@@ -75,6 +75,28 @@ def test_grpo_wall_clock_budget_ends_with_eval_and_checkpoint(tmp_path):
     assert [r["step"] for r in read_log(log, "train")] == [1, 2]
 
 
+def test_grpo_dynamic_sampling_trains_on_informative_groups(tmp_path):
+    """DAPO dynamic sampling: more rollout rounds until the batch holds groups whose rewards differ.
+    At the start ~72% of the toy task's groups of 8 are all-zero (chance ~4% per sample)."""
+    args = {"reward_fn": toy_task.digit_reward, "train_examples": toy_task.digit_examples(32),
+            "eval_examples": toy_task.digit_examples(4), "quiet": True}
+    train_grpo(_cfg(tmp_path / "off", n_grpo_steps=2), policy=toy_task.toy_policy(seed=0), **args)
+    train_grpo(_cfg(tmp_path / "on", n_grpo_steps=2, dynamic_sampling_rounds=6), policy=toy_task.toy_policy(seed=0), **args)
+    off = read_log(tmp_path / "off" / "grpo" / "log.jsonl", "train")
+    on = read_log(tmp_path / "on" / "grpo" / "log.jsonl", "train")
+    for r in off:  # off: the trained batch is the one sampled batch
+        assert r["sampling_rounds"] == 1
+        assert r["frac_trained_groups_informative"] == pytest.approx(1 - r["frac_groups_all_equal"])
+    # on: round 0 is the same sample as without (same seeds), later rounds add informative groups
+    assert on[0]["reward"] == off[0]["reward"] and on[0]["frac_groups_all_equal"] == off[0]["frac_groups_all_equal"]
+    for r in on:
+        assert 1 <= r["sampling_rounds"] <= 6
+        assert r["frac_trained_groups_informative"] >= 1 - r["frac_groups_all_equal"]
+    assert on[0]["sampling_rounds"] > 1 and on[0]["frac_trained_groups_informative"] > 1 - on[0]["frac_groups_all_equal"]
+    with pytest.raises(ValueError, match="dynamic_sampling_rounds"):
+        _cfg(tmp_path, dynamic_sampling_rounds=0)
+
+
 def test_grpo_cli_maps_onto_config():
     cfg = parse_config(GRPOConfig, ["--model", "m", "--loss_type", "grpo_clip", "--no-use_std_normalization",
                                     "--stop", "</answer>", "###", "--group_size", "4", "--rollout_batch_size", "16",

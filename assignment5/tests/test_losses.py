@@ -278,3 +278,10 @@ def test_dpo_loss_formula():
     assert float(losses.dpo_loss(pc, pr, rc, rr, beta)) == pytest.approx(expected, rel=1e-6)
     # a policy equal to the reference gives log 2
     assert float(losses.dpo_loss(pc, pr, pc, pr, beta)) == pytest.approx(math.log(2), rel=1e-6)
+
+
+def test_informative_groups_marks_groups_whose_rewards_differ():
+    rewards = torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.5, 0.5, 0.0])  # groups of 3
+    assert losses.informative_groups(rewards, 3).tolist() == [False, False, True]
+    meta = losses.reward_metadata([{"reward": float(r)} for r in rewards], rewards, 3)
+    assert meta["frac_groups_all_equal"] == pytest.approx(2 / 3)
