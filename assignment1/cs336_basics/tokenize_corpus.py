@@ -28,6 +28,7 @@ import multiprocessing as mp
 import os
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -187,14 +188,10 @@ def tokenize_file(
                 ranges[-1][2] += n
             else:
                 ranges.append([k, off, n])
-        files = [open(p, "rb") for p in parts]
-        try:
-            with open(tmp, "wb") as f:
-                for k, off, n in ranges:
-                    _copy_range(files[k], f, off, n)
-        finally:
-            for fh in files:
-                fh.close()
+        with ExitStack() as stack, open(tmp, "wb") as f:
+            files = [stack.enter_context(open(p, "rb")) for p in parts]
+            for k, off, n in ranges:
+                _copy_range(files[k], f, off, n)
         num_tokens = os.path.getsize(tmp) // np.dtype(dtype).itemsize
         os.replace(tmp, out)
     except BaseException:
