@@ -4,7 +4,7 @@ Same shape (the ``tinystories-17m`` preset: d_model 512, 4 layers, 16 heads, d_f
 256, vocab 10K), same batch (128), bf16 autocast, TF32 on, same step (forward, loss, backward,
 clip to norm 1, optimizer step, zero_grad), measured in one process, one after the other.
 
-Variants ``{impl}-{mode}[-{optimizer}[-{loss}[-{ops}]]]``:
+Variants ``{impl}-{mode}[-{optimizer}[-{loss}[-{ops}[-{attn}[-{proj}]]]]]``:
 - impl ``ours``: ``cs336_basics.model.TransformerLM`` (attention backend ``sdpa``) and our
   ``clip_grad_norm``; optimizer ``foreach`` (our ``AdamW(fused=False)``, multi-tensor
   ``torch._foreach_*``) or ``fused`` (our ``AdamW(fused=True)``, one Triton kernel per step); loss
@@ -12,7 +12,11 @@ Variants ``{impl}-{mode}[-{optimizer}[-{loss}[-{ops}]]]``:
   ``fused_cross_entropy``, what ``cross_entropy`` runs on CUDA); ops (eager only) ``torchops``
   (``model.FUSED_KERNELS = False``: RMSNorm, RoPE and SwiGLU's gate in PyTorch ops; default) or
   ``tritonops`` (their Triton kernels ``fused_rmsnorm``/``fused_rope``/``fused_swiglu``, what the
-  model runs on CUDA in eager mode). Compiled, the model always runs PyTorch ops (inductor fuses them).
+  model runs on CUDA in eager mode). Compiled, the model always runs PyTorch ops (inductor fuses them);
+  attn ``sdpa`` (PyTorch's SDPA, its default backend: cuDNN on Hopper; default) or ``flash`` (our
+  Triton FlashAttention-2 of ``cs336_systems``, custom ops under ``torch.compile``); proj ``stacked``
+  (Q/K/V and SwiGLU's W1/W3 as one matmul each, ``model.stacked_linear``; default) or ``separate``
+  (``model.STACKED_PROJECTIONS = False``: one matmul per Linear).
 - impl ``hf``: ``LlamaForCausalLM`` (``attn_implementation="sdpa"``, same initial weights), the loss
   it uses internally (``F.cross_entropy`` on fp32 logits), ``torch.nn.utils.clip_grad_norm_`` and
   ``torch.optim.AdamW(fused=True)``.
@@ -61,13 +65,17 @@ QUICK_VARIANTS = ["hf-eager", "ours-eager-fused-tritonce", "ours-eager-fused-tri
 def make_variant(name: str, cfg, device):
     """(model, optimizer, loss_fn, clip_fn) for a variant name (see the module docstring)."""
     impl, mode, *rest = name.split("-")
-    opt_impl, loss_impl, ops_impl = (rest + ["foreach", "torchce", "torchops"][len(rest):])[:3]
+    opt_impl, loss_impl, ops_impl, attn, proj = \
+        (rest + ["foreach", "torchce", "torchops", "sdpa", "stacked"][len(rest):])[:5]
     assert impl in ("ours", "hf") and mode in ("eager", "compiled", "graphed"), name
     assert opt_impl in ("foreach", "fused") and loss_impl in ("torchce", "tritonce"), name
     assert ops_impl == "torchops" or (ops_impl == "tritonops" and mode == "eager"), name
+    assert attn in ("sdpa", "flash") and (impl == "ours" or attn == "sdpa"), name
+    assert proj in ("stacked", "separate") and (impl == "ours" or proj == "stacked"), name
     cs336_model.FUSED_KERNELS = ops_impl == "tritonops"  # read at every forward: holds until the next variant
+    cs336_model.STACKED_PROJECTIONS = proj == "stacked"
     torch.manual_seed(0)
-    model = build_model(cfg.replace(model_impl="cs336" if impl == "ours" else "hf-llama"), device)
+    model = build_model(cfg.replace(model_impl="cs336" if impl == "ours" else "hf-llama", attn_backend=attn), device)
     kw = {"lr": 1e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
     if impl == "ours":
         opt = AdamW(model.parameters(), fused=opt_impl == "fused", **kw)
@@ -85,7 +93,7 @@ def make_variant(name: str, cfg, device):
     return model, opt, loss_fn, clip_fn
 
 
-def profile_steps(step_fn, steps: int, top: int = 12) -> dict:
+def profile_steps(step_fn, steps: int, top: int = 25) -> dict:
     """GPU kernel time per step and the ``top`` kernels by total time, under torch.profiler."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -108,6 +116,7 @@ def bench_variant(name, cfg, device, batch_size, warmup, steps, prof_steps) -> d
     x, y = x[:, :-1].contiguous(), x[:, 1:].contiguous()
 
     def step():
+        torch.compiler.cudagraph_mark_step_begin()  # graphed: a new iteration (outputs of the last may be reused)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = loss_fn(model(x), y)
         loss.backward()

@@ -160,30 +160,60 @@ def _as_4d(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+# The kernels as custom operators: opaque to torch.compile (no graph break, inductor keeps the
+# fused code on both sides of attention), with fake implementations giving output shapes/strides.
+
+
+@torch.library.custom_op("cs336_systems::flash_fwd", mutates_args=())
+def flash_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """O (contiguous, shape of q) and L (shape of q without d, fp32) from the Triton forward."""
+    from cs336_systems import flash_kernels
+
+    o, lse = flash_kernels.flash_fwd(_as_4d(q), _as_4d(k), _as_4d(v), is_causal)
+    return o.view(q.shape), lse.view(q.shape[:-1])
+
+
+@flash_fwd_op.register_fake
+def _(q, k, v, is_causal):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("cs336_systems::flash_bwd", mutates_args=())
+def flash_bwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, do: torch.Tensor,
+    is_causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dQ, dK, dV), contiguous, from the Triton backward; dO may be non-contiguous or stride-0."""
+    from cs336_systems import flash_kernels
+
+    dq, dk, dv = flash_kernels.flash_bwd(
+        _as_4d(q), _as_4d(k), _as_4d(v), _as_4d(o), lse.view(-1, q.shape[-2]), _as_4d(do), is_causal
+    )
+    return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
+
+
+@flash_bwd_op.register_fake
+def _(q, k, v, o, lse, do, is_causal):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
 class FlashAttentionTriton(torch.autograd.Function):
-    """FlashAttention-2 as Triton kernels (``flash_kernels``); same contract as the PyTorch one."""
+    """FlashAttention-2 as Triton kernels (``flash_kernels``); same contract as the PyTorch one.
+    Works under ``torch.compile``: the kernels run as the custom ops above."""
 
     @staticmethod
     def forward(ctx, Q, K, V, is_causal=False):
         _check_triton_inputs(Q, K, V)
-        from cs336_systems import flash_kernels
-
-        O, L = flash_kernels.flash_fwd(_as_4d(Q), _as_4d(K), _as_4d(V), is_causal)
-        O, L = O.view(Q.shape), L.view(Q.shape[:-1])
+        O, L = flash_fwd_op(Q, K, V, is_causal)
         ctx.save_for_backward(Q, K, V, O, L)
         ctx.is_causal = is_causal
         return O
 
     @staticmethod
     def backward(ctx, dO):
-        from cs336_systems import flash_kernels
-
         Q, K, V, O, L = ctx.saved_tensors
-        # dO may be non-contiguous or stride-0 (o.sum().backward()): see _as_4d
-        dQ, dK, dV = flash_kernels.flash_bwd(
-            _as_4d(Q), _as_4d(K), _as_4d(V), _as_4d(O), L.view(-1, Q.shape[-2]), _as_4d(dO), ctx.is_causal
-        )
-        return dQ.view(Q.shape), dK.view(K.shape), dV.view(V.shape), None
+        dQ, dK, dV = flash_bwd_op(Q, K, V, O, L, dO, ctx.is_causal)
+        return dQ, dK, dV, None
 
 
 def flash_attn_mha(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = True) -> torch.Tensor:

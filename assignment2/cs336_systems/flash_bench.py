@@ -333,12 +333,12 @@ def prewarm(tasks, workers: int = 12, warm=_warm) -> None:
     print(f"prewarm: {len(tasks)} tasks in {time.time() - t:.1f}s", flush=True)
 
 
-def prewarm_tasks(what: list[str], dims, dtypes) -> list[tuple]:
+def prewarm_tasks(what: list[str], dims, dtypes, lb_d: int = 64) -> list[tuple]:
     from cs336_systems.flash_kernels import MAX_TUNED_CONFIGS
 
     tasks = []
     if "leaderboard" in what:
-        tasks += [("3d", "bf16", 64, True, i) for i in range(MAX_TUNED_CONFIGS)]
+        tasks += [("3d", "bf16", lb_d, True, i) for i in range(MAX_TUNED_CONFIGS)]
     if "sweep" in what:
         tasks += [("3d", dt, d, True, 0) for dt in dtypes for d in dims if not (dt == "bf16" and d == 64)]
     if "model" in what:
@@ -358,6 +358,9 @@ def cli_main(argv: list[str] | None = None) -> int:
     p.add_argument("--dims", default="16,32,64,128", help="sweep head dims")
     p.add_argument("--dtypes", default="bf16,fp32", help="sweep dtypes")
     p.add_argument("--no-naive", action="store_true", help="leaderboard: skip naive PyTorch")
+    p.add_argument("--lb-shape", default="16,16384,64",
+                   help="leaderboard HEADS,SEQ,D (heads = batch x heads; 2048,256,32 is the tinystories-17m "
+                        "training step's attention: batch 128 x 16 heads, context 256, head dim 32)")
     p.add_argument("--prewarm", type=int, default=12, help="processes compiling kernels ahead (0 = off)")
     p.add_argument("--sweep-autotune", action="store_true", help="tune tiles for every sweep shape (slow)")
     args = p.parse_args(argv)
@@ -367,7 +370,7 @@ def cli_main(argv: list[str] | None = None) -> int:
     dims = [int(s) for s in args.dims.split(",")]
     dtypes = args.dtypes.split(",")
     if args.prewarm:
-        prewarm(prewarm_tasks(args.what, dims, dtypes), args.prewarm)
+        prewarm(prewarm_tasks(args.what, dims, dtypes, int(args.lb_shape.split(",")[2])), args.prewarm)
     cands, fixed = tile_candidates()
     if args.prewarm and "tiles" in args.what:
         tasks = [("cs336_systems.flash_kernels", n, t, fixed) for n, ts in cands.items() for t in ts]
@@ -382,7 +385,8 @@ def cli_main(argv: list[str] | None = None) -> int:
             json.dump(results, f, indent=1)
 
     if "leaderboard" in args.what:
-        results["leaderboard"] = leaderboard(naive=not args.no_naive)
+        heads, seq, d = (int(s) for s in args.lb_shape.split(","))
+        results["leaderboard"] = leaderboard(heads, seq, d, naive=not args.no_naive)
         save()
     if "tiles" in args.what:
         results["tiles"] = tiles(cands, fixed)

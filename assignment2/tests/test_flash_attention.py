@@ -17,6 +17,8 @@ from cs336_systems.flash_attention import (
     FlashAttentionPytorch,
     FlashAttentionTriton,
     flash_attn_mha,
+    flash_bwd_op,
+    flash_fwd_op,
 )
 
 INTERPRETING = interpreting()
@@ -151,6 +153,33 @@ def test_interp_flash_attn_mha_strided_heads():
     o = flash_attn_mha(q, k, v, is_causal=True)
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
     torch.testing.assert_close(o, ref, atol=1e-5, rtol=1e-5)
+
+
+@interp_only
+def test_interp_custom_ops_pass_opcheck():
+    # schema, fake (meta) implementation against the real one, autograd registration, AOT dispatch
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 40, 16, generator=g) for _ in range(3))
+    torch.library.opcheck(flash_fwd_op, (q, k, v, True))
+    o, lse = flash_fwd_op(q, k, v, True)
+    do = torch.randn(o.shape, generator=g)
+    torch.library.opcheck(flash_bwd_op, (q, k, v, o, lse, do, True))
+
+
+@interp_only
+def test_interp_flash_attn_mha_under_torch_compile():
+    # fullgraph=True fails on any graph break: the kernels must be opaque custom ops to dynamo
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 48, 2, 16, generator=g).transpose(1, 2).requires_grad_() for _ in range(3))
+    do = torch.randn(1, 2, 48, 16, generator=g)
+    compiled = torch.compile(lambda a, b, c: flash_attn_mha(a, b, c, True), backend="aot_eager", fullgraph=True)
+    o = compiled(q, k, v)
+    (o * do).sum().backward()
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    o_ref, _ = attention_reference(q64, k64, v64, True)
+    (o_ref * do.double()).sum().backward()
+    for got, ref in ((o, o_ref), (q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
+        assert rel_err(got, ref) < 1e-5
 
 
 @pytest.mark.skipif(INTERPRETING, reason="this is the parent of the interpreter run")
