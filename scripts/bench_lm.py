@@ -4,7 +4,7 @@ Same shape (the ``tinystories-17m`` preset: d_model 512, 4 layers, 16 heads, d_f
 256, vocab 10K), same batch (128), bf16 autocast, TF32 on, same step (forward, loss, backward,
 clip to norm 1, optimizer step, zero_grad), measured in one process, one after the other.
 
-Variants ``{impl}-{mode}[-{optimizer}[-{loss}[-{ops}[-{attn}[-{proj}]]]]]``:
+Variants ``{impl}-{mode}[-{optimizer}[-{loss}[-{ops}[-{attn}]]]]``:
 - impl ``ours``: ``cs336_basics.model.TransformerLM`` (attention backend ``sdpa``) and our
   ``clip_grad_norm``; optimizer ``foreach`` (our ``AdamW(fused=False)``, multi-tensor
   ``torch._foreach_*``) or ``fused`` (our ``AdamW(fused=True)``, one Triton kernel per step); loss
@@ -14,9 +14,7 @@ Variants ``{impl}-{mode}[-{optimizer}[-{loss}[-{ops}[-{attn}[-{proj}]]]]]``:
   ``tritonops`` (their Triton kernels ``fused_rmsnorm``/``fused_rope``/``fused_swiglu``, what the
   model runs on CUDA in eager mode). Compiled, the model always runs PyTorch ops (inductor fuses them);
   attn ``sdpa`` (PyTorch's SDPA, its default backend: cuDNN on Hopper; default) or ``flash`` (our
-  Triton FlashAttention-2 of ``cs336_systems``, custom ops under ``torch.compile``); proj ``stacked``
-  (Q/K/V and SwiGLU's W1/W3 as one matmul each, ``model.stacked_linear``; default) or ``separate``
-  (``model.STACKED_PROJECTIONS = False``: one matmul per Linear).
+  Triton FlashAttention-2 of ``cs336_systems``, custom ops under ``torch.compile``).
 - impl ``hf``: ``LlamaForCausalLM`` (``attn_implementation="sdpa"``, same initial weights), the loss
   it uses internally (``F.cross_entropy`` on fp32 logits), ``torch.nn.utils.clip_grad_norm_`` and
   ``torch.optim.AdamW(fused=True)``.
@@ -65,15 +63,12 @@ QUICK_VARIANTS = ["hf-eager", "ours-eager-fused-tritonce", "ours-eager-fused-tri
 def make_variant(name: str, cfg, device):
     """(model, optimizer, loss_fn, clip_fn) for a variant name (see the module docstring)."""
     impl, mode, *rest = name.split("-")
-    opt_impl, loss_impl, ops_impl, attn, proj = \
-        (rest + ["foreach", "torchce", "torchops", "sdpa", "stacked"][len(rest):])[:5]
+    opt_impl, loss_impl, ops_impl, attn = (rest + ["foreach", "torchce", "torchops", "sdpa"][len(rest):])[:4]
     assert impl in ("ours", "hf") and mode in ("eager", "compiled", "graphed"), name
     assert opt_impl in ("foreach", "fused") and loss_impl in ("torchce", "tritonce"), name
     assert ops_impl == "torchops" or (ops_impl == "tritonops" and mode == "eager"), name
     assert attn in ("sdpa", "flash") and (impl == "ours" or attn == "sdpa"), name
-    assert proj in ("stacked", "separate") and (impl == "ours" or proj == "stacked"), name
     cs336_model.FUSED_KERNELS = ops_impl == "tritonops"  # read at every forward: holds until the next variant
-    cs336_model.STACKED_PROJECTIONS = proj == "stacked"
     torch.manual_seed(0)
     model = build_model(cfg.replace(model_impl="cs336" if impl == "ours" else "hf-llama", attn_backend=attn), device)
     kw = {"lr": 1e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}

@@ -40,7 +40,6 @@ from cs336_basics.triton_support import kernels_for
 AttnFn = Callable[[Tensor, Tensor, Tensor, bool], Tensor]
 
 FUSED_KERNELS = True  # False: the PyTorch ops on every device (read at each call, see `triton_kernels`)
-STACKED_PROJECTIONS = True  # False: one matmul per Linear in `stacked_linear` (read at each call; same math)
 
 
 def triton_kernels(name: str, x: Tensor) -> ModuleType | None:
@@ -82,16 +81,6 @@ class Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"d_in={self.weight.shape[1]}, d_out={self.weight.shape[0]}"
-
-
-def stacked_linear(x: Tensor, *layers: Linear) -> tuple[Tensor, ...]:
-    """``layer(x)`` for several Linears that share ``x``, as one matmul against their stacked
-    weights: one wider GEMM instead of one per layer, and backward one GEMM for ``dx`` instead of
-    one per layer plus the adds (the weights stay separate parameters, as the adapter names them)."""
-    if not STACKED_PROJECTIONS:
-        return tuple(layer(x) for layer in layers)
-    y = x @ torch.cat([layer.weight for layer in layers]).T  # (..., sum of d_out)
-    return y.split([layer.weight.shape[0] for layer in layers], dim=-1)
 
 
 class Embedding(nn.Module):
@@ -247,8 +236,8 @@ class MultiHeadSelfAttention(nn.Module):
         t = x.shape[-2]
         past = kv_cache.length if kv_cache is not None else 0
         # (..., T, C) -> (..., H, T, D)
-        q, k, v = (y.unflatten(-1, (self.num_heads, self.head_dim)).transpose(-3, -2)
-                   for y in stacked_linear(x, self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (p(x).unflatten(-1, (self.num_heads, self.head_dim)).transpose(-3, -2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
         if self.rope is not None:
             if token_positions is None:
                 token_positions = torch.arange(past, past + t, device=x.device)
@@ -279,7 +268,7 @@ class SwiGLU(nn.Module):
         self.w3 = Linear(d_model, d_ff, device=device, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        a, b = stacked_linear(x, self.w1, self.w3)  # (..., F) each
+        a, b = self.w1(x), self.w3(x)  # (..., F) each
         if (kernels := triton_kernels("fused_swiglu", a)) is not None:
             return self.w2(kernels.silu_mul(a, b))
         return self.w2(silu(a) * b)

@@ -28,30 +28,6 @@ def test_linear_matches_functional_and_init():
     assert abs(big.weight.std().item() - 0.9866 * big_std) < 0.01 * big_std
 
 
-def test_stacked_linear_matches_separate_layers(monkeypatch):
-    torch.manual_seed(0)
-    layers = [M.Linear(16, d) for d in (8, 24, 8)]
-    x = torch.randn(2, 5, 16, requires_grad=True)
-    outs = M.stacked_linear(x, *layers)
-    assert [o.shape for o in outs] == [(2, 5, 8), (2, 5, 24), (2, 5, 8)]
-    for o, layer in zip(outs, layers):
-        torch.testing.assert_close(o, F.linear(x, layer.weight))
-    sum((o * o).sum() for o in outs).backward()  # gradients reach each weight and x as with separate layers
-    grads = [x.grad.clone()] + [layer.weight.grad.clone() for layer in layers]
-    x.grad = None
-    for layer in layers:
-        layer.weight.grad = None
-    sum((F.linear(x, layer.weight) ** 2).sum() for layer in layers).backward()
-    for got, ref in zip(grads, [x.grad] + [layer.weight.grad for layer in layers]):
-        torch.testing.assert_close(got, ref)
-    # the whole LM gives the same logits with one matmul per Linear
-    lm = M.TransformerLM(64, 16, 32, 2, 4, 48)
-    ids = torch.randint(0, 64, (2, 16))
-    stacked = lm(ids)
-    monkeypatch.setattr(M, "STACKED_PROJECTIONS", False)
-    torch.testing.assert_close(lm(ids), stacked, atol=1e-5, rtol=1e-5)
-
-
 def test_embedding_matches_functional():
     emb = M.Embedding(100, 16)
     ids = torch.randint(0, 100, (3, 7))
