@@ -383,11 +383,45 @@ def plot_log(log_path: str | Path, out_png: str | Path, panels: dict[str, tuple[
 # --------------------------------------------------------------------------- batches
 
 
+def response_ends(response_mask: torch.Tensor) -> torch.Tensor:
+    """``(B, T) -> (B,)``: one past each row's last response position (0 for a row with none), i.e. the
+    width a micro-batch holding the row needs (the padding after it needs no forward pass)."""
+    positions = torch.arange(1, response_mask.shape[-1] + 1, device=response_mask.device)
+    return (positions * response_mask).amax(dim=-1)
+
+
+def sort_by_length(batch: dict[str, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+    """``rows`` ordered longest first (by ``response_ends``), so that ``microbatches`` groups rows of
+    similar length and pads each micro-batch little.
+
+    Reordering the rows of one optimizer step leaves its gradient unchanged up to float rounding
+    when its micro-batches all have the same number of rows (each contributes its rows' mean
+    loss / the accumulation steps). Longest first: the largest activations are allocated first and
+    later, smaller micro-batches reuse the allocator's blocks.
+    """
+    ends = response_ends(batch["response_mask"][rows])
+    return rows[torch.argsort(ends, descending=True, stable=True)]
+
+
 def microbatches(batch: dict[str, torch.Tensor], rows: torch.Tensor, micro_size: int, device: torch.device):
-    """Split the ``rows`` of a ``pack_prompt_and_output_ids`` batch into micro-batches on ``device``,
-    each cut after its last response token (padding past it needs no forward pass)."""
+    """Split the ``rows`` of a ``pack_prompt_and_output_ids`` batch, in the given order, into micro-batches
+    on ``device``, each cut after its last response token (padding past it needs no forward pass)."""
     for chunk in rows.split(micro_size):
-        mask = batch["response_mask"][chunk]
-        used = mask.any(dim=0).nonzero()
-        width = int(used.max()) + 1 if used.numel() else 1
+        width = max(1, int(response_ends(batch["response_mask"][chunk]).max()))  # CPU tensors: no GPU sync
         yield chunk, {k: v[chunk, :width].to(device, non_blocking=True) for k, v in batch.items() if v.dim() == 2}
+
+
+def place_response_values(response_mask: torch.Tensor, values: Sequence[Sequence[float]]) -> torch.Tensor:
+    """Per-response-token values (row ``b``: one per output token, in order) -> ``(B, T)`` float32 at the
+    positions where ``response_mask`` is set, 0 elsewhere.
+
+    ``pack_prompt_and_output_ids`` sets ``response_mask[b, t]`` where ``labels[b, t]`` is output token
+    ``t - (len(prompt) - 1)``, a contiguous run per row, so a row-major boolean assignment puts the
+    ``i``-th value of row ``b`` on the label that is its ``i``-th output token.
+    """
+    counts = response_mask.sum(dim=-1).tolist()
+    if len(counts) != len(values) or any(c != len(v) for c, v in zip(counts, values)):
+        raise ValueError(f"response lengths {counts} do not match the value counts {[len(v) for v in values]}")
+    out = torch.zeros(response_mask.shape, dtype=torch.float32)
+    out[response_mask.bool()] = torch.tensor([x for v in values for x in v], dtype=torch.float32)
+    return out
