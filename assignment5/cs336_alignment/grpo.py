@@ -4,8 +4,10 @@ One GRPO step: sample ``rollout_batch_size / group_size`` questions, draw ``grou
 responses each from the rollout engine, score them (``grading.r1_zero_reward_fn``), normalize
 rewards within each group, then take ``epochs_per_rollout_batch * rollout_batch_size /
 train_batch_size`` optimizer steps on the batch (on-policy when that is 1, off-policy otherwise,
-with old log-probs from a forward pass before training). Losses, advantages and length
-normalization are the pure functions of ``losses.py``. ``--dynamic_sampling_rounds N`` (DAPO's
+with old log-probs from a no-grad pass before training, or the rollout engine's with
+``--old_log_probs engine``). Each optimizer step's rows are sorted by length before they are cut
+into micro-batches, so each is padded little (the gradient is the same sum). Losses, advantages
+and length normalization are the pure functions of ``losses.py``. ``--dynamic_sampling_rounds N`` (DAPO's
 dynamic sampling, Yu et al. 2025) samples up to N rounds of questions per step and trains first on
 the groups whose rewards differ: with sparse rewards most groups are all-wrong and add no gradient.
 
@@ -23,7 +25,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -46,6 +48,7 @@ from cs336_alignment.train_utils import (
     microbatches,
     param_dtype,
     parse_config,
+    place_response_values,
     plot_log,
     print_summary,
     prompt_token_ids,
@@ -54,8 +57,11 @@ from cs336_alignment.train_utils import (
     save_checkpoint,
     seed_everything,
     set_lr,
+    sort_by_length,
     warmup_constant_lr,
 )
+
+OldLogProbs = Literal["recompute", "engine"]
 
 
 @dataclass(frozen=True)
@@ -87,6 +93,12 @@ class GRPOConfig:
     sampling_max_tokens: int = field(1024, "response length limit")
     stop: tuple[str, ...] = field(("</answer>",), "stop strings (kept in the response)")
     epochs_per_rollout_batch: int = field(1, "passes over each rollout batch (>1: off-policy)")
+    old_log_probs: OldLogProbs = field(  # noqa: RUF009
+        "recompute", "off-policy GRPO-Clip/No-Clip's old log-probs: recompute (a no-grad pass under the rollout "
+        "weights; the first optimizer step, still at those weights, uses its own) | engine (the rollout engine's "
+        "sampled log-probs, no extra pass; needs sampling_temperature 1 and sampling_top_p 1)")
+    length_sorted_microbatches: bool = field(True, "order each optimizer step's rows by length before cutting "
+                                             "micro-batches (less padding, the same gradient)")
     train_batch_size: int = field(256, "responses per optimizer step")
     gradient_accumulation_steps: int = field(128, "micro-batches per optimizer step")
     loss_type: LossType = field(  # noqa: RUF009  (field() is dataclasses.field with a help text)
@@ -124,6 +136,13 @@ class GRPOConfig:
             raise ValueError(f"length_normalization must be one of {losses.LENGTH_NORMALIZATIONS}")
         if self.precision not in (None, "bf16-mixed", "bf16", "fp32"):
             raise ValueError("precision must be bf16-mixed, bf16 or fp32")
+        if self.old_log_probs not in ("recompute", "engine"):
+            raise ValueError("old_log_probs must be recompute or engine")
+        if self.old_log_probs == "engine" and (self.sampling_temperature != 1.0 or self.sampling_top_p != 1.0):
+            # the policy's log-probs are of the unmodified distribution; an engine samples (and, as vLLM
+            # may, reports log-probs) from the tempered / truncated one
+            raise ValueError("old_log_probs='engine' needs sampling_temperature 1 and sampling_top_p 1 (got "
+                             f"{self.sampling_temperature}, {self.sampling_top_p}); use old_log_probs='recompute'")
 
     @property
     def off_policy(self) -> bool:
@@ -142,6 +161,74 @@ PRESETS: dict[str, dict[str, Any]] = {
                           "learning_rate": 2e-5, "loss_type": "grpo_clip", "epochs_per_rollout_batch": 1, "eval_every": 10,
                           "eval_examples": 0, "rollout_max_batch_size": 1024},
 }
+
+
+def recompute_old_log_probs(model: torch.nn.Module, cfg: GRPOConfig, batch: dict[str, torch.Tensor], rows: torch.Tensor,
+                            device: torch.device, precision: str, out: torch.Tensor) -> int:
+    """The no-grad log-probs of ``rows`` (under the current weights) into ``out`` ``(B, T)`` on ``device``;
+    returns the padded positions processed."""
+    micro_size = cfg.train_batch_size // cfg.gradient_accumulation_steps
+    if cfg.length_sorted_microbatches:
+        rows = sort_by_length(batch, rows)
+    padded = 0
+    with torch.no_grad(), autocast(device, precision):
+        for chunk, mb in microbatches(batch, rows, micro_size, device):
+            lp = losses.get_response_log_probs(model, mb["input_ids"], mb["labels"])["log_probs"]
+            out[chunk.to(device), : lp.shape[1]] = lp.float()  # stays on device: no host sync per micro-batch
+            padded += lp.numel()
+    return padded
+
+
+def backward_micro_batches(
+    model: torch.nn.Module,
+    cfg: GRPOConfig,
+    batch: dict[str, torch.Tensor],
+    rows: torch.Tensor,
+    raw_rewards: torch.Tensor,
+    advantages: torch.Tensor,
+    old_log_probs: torch.Tensor | None,
+    device: torch.device,
+    precision: str,
+    totals: dict[str, Any],
+    first_step: bool = False,
+) -> None:
+    """Forward/backward of one optimizer step's ``rows``, cut into micro-batches in the given order: their
+    gradients add up in ``.grad``. ``raw_rewards``/``advantages`` ``(B,)`` and ``old_log_probs`` ``(B, T)``
+    (None: on-policy) are on ``device``. ``first_step``: the weights are still the rollout weights, so with
+    ``old_log_probs="recompute"`` the rows' old log-probs are their detached log-probs of this pass, written
+    into ``old_log_probs`` for later epochs. Adds device scalars to ``totals`` (read once per GRPO step:
+    no host sync per micro-batch) and the padded positions processed to ``totals["padded_tokens"]``.
+    """
+    micro_size = cfg.train_batch_size // cfg.gradient_accumulation_steps
+    normalize_constant = cfg.normalize_constant or float(cfg.sampling_max_tokens)
+    for chunk, mb in microbatches(batch, rows, micro_size, device):
+        chunk = chunk.to(device)
+        with autocast(device, precision):
+            out = losses.get_response_log_probs(model, mb["input_ids"], mb["labels"], return_token_entropy=True)
+        logp, mask = out["log_probs"], mb["response_mask"]
+        width = logp.shape[1]
+        if old_log_probs is None:
+            old = logp.detach()
+        elif first_step and cfg.old_log_probs == "recompute":
+            old = logp.detach()
+            old_log_probs[chunk, :width] = old
+        else:
+            old = old_log_probs[chunk, :width]
+        loss, meta = losses.grpo_microbatch_train_step(
+            logp, mask, cfg.gradient_accumulation_steps, cfg.loss_type,
+            raw_rewards=raw_rewards[chunk, None], advantages=advantages[chunk, None],
+            old_log_probs=old, cliprange=cfg.cliprange,
+            length_normalization=cfg.length_normalization, normalize_constant=normalize_constant)
+        totals["loss"] = totals["loss"] + loss
+        totals["entropy"] = totals["entropy"] + (out["token_entropy"] * mask).sum()
+        if "clipped" in meta:
+            totals["clipped"] = totals["clipped"] + (meta["clipped"] & mask).sum()
+        totals["tokens"] = totals["tokens"] + mask.sum()
+        if first_step and old_log_probs is not None:
+            # same weights as the rollout: how far the old log-probs are from this pass's (0 when recomputed)
+            totals["old_diff"] = totals["old_diff"] + ((logp.detach() - old).abs() * mask).sum()
+            totals["old_tokens"] = totals["old_tokens"] + mask.sum()
+        totals["padded_tokens"] += logp.numel()
 
 
 def train_grpo(
@@ -177,8 +264,6 @@ def train_grpo(
     log = RunLog(cfg.out_dir, cfg, resume=ckpt is not None, quiet=quiet)
 
     n_questions = cfg.rollout_batch_size // cfg.group_size
-    micro_size = cfg.train_batch_size // cfg.gradient_accumulation_steps
-    normalize_constant = cfg.normalize_constant or float(cfg.sampling_max_tokens)
     final: dict[str, Any] = {}
     t_start = time.perf_counter()
 
@@ -243,36 +328,35 @@ def train_grpo(
         batch = pack_prompt_and_output_ids([p for p in prompt_ids for _ in range(cfg.group_size)],
                                            [c.token_ids for c in completions], pad_id)
         policy.model.train()
-        old_log_probs = None
+        # the rows of every optimizer step, drawn before any forward pass (the forward draws from the RNG)
+        step_rows = [rows for _ in range(cfg.epochs_per_rollout_batch)
+                     for rows in torch.randperm(cfg.rollout_batch_size).split(cfg.train_batch_size)]
+        old_log_probs = None  # (B, T) on device; None: on-policy, the loss uses the detached log-probs
+        recompute_tokens = 0
         if cfg.loss_type in ("grpo_clip", "grpo_no_clip") and cfg.off_policy:
-            old_log_probs = torch.zeros(batch["labels"].shape)
-            with torch.no_grad(), autocast(device, precision):
-                for rows, mb in microbatches(batch, torch.arange(cfg.rollout_batch_size), micro_size, device):
-                    lp = losses.get_response_log_probs(policy.model, mb["input_ids"], mb["labels"])["log_probs"]
-                    old_log_probs[rows, : lp.shape[1]] = lp.float().cpu()
-        sums = {"loss": 0.0, "entropy": 0.0, "clip_fraction": 0.0, "grad_norm": 0.0}
-        n_opt, n_micro = 0, 0
-        for _epoch in range(cfg.epochs_per_rollout_batch):
-            order = torch.randperm(cfg.rollout_batch_size)
-            for train_rows in order.split(cfg.train_batch_size):
-                for rows, mb in microbatches(batch, train_rows, micro_size, device):
-                    with autocast(device, precision):
-                        out = losses.get_response_log_probs(policy.model, mb["input_ids"], mb["labels"], return_token_entropy=True)
-                    logp = out["log_probs"]
-                    old = logp.detach() if old_log_probs is None else old_log_probs[rows, : logp.shape[1]].to(device)
-                    loss, meta = losses.grpo_microbatch_train_step(
-                        logp, mb["response_mask"], cfg.gradient_accumulation_steps, cfg.loss_type,
-                        raw_rewards=raw_rewards[rows, None].to(device), advantages=advantages[rows, None].to(device),
-                        old_log_probs=old, cliprange=cfg.cliprange,
-                        length_normalization=cfg.length_normalization, normalize_constant=normalize_constant)
-                    sums["loss"] += float(loss)
-                    sums["entropy"] += float(losses.masked_mean(out["token_entropy"], mb["response_mask"]))
-                    sums["clip_fraction"] += float(meta["clip_fraction"])
-                    n_micro += 1
-                sums["grad_norm"] += grad_norm_and_clip(policy.model, cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                n_opt += 1
+            if cfg.old_log_probs == "engine":
+                old_log_probs = place_response_values(batch["response_mask"], [c.logprobs for c in completions]).to(device)
+            else:  # the first optimizer step fills in its own rows; the rest of the first epoch needs a pass now
+                old_log_probs = torch.zeros(batch["labels"].shape, device=device)
+                rest = step_rows[1:cfg.rollout_batch_size // cfg.train_batch_size]
+                if rest:
+                    recompute_tokens = recompute_old_log_probs(policy.model, cfg, batch, torch.cat(rest), device,
+                                                               precision, old_log_probs)
+        rewards_dev, advantages_dev = raw_rewards.to(device), advantages.to(device)
+        totals = {k: torch.zeros((), device=device) for k in ("loss", "entropy", "clipped", "tokens", "old_diff", "old_tokens")}
+        totals["padded_tokens"] = 0
+        grad_norms = []
+        for i, rows in enumerate(step_rows):
+            if cfg.length_sorted_microbatches:
+                rows = sort_by_length(batch, rows)
+            backward_micro_batches(policy.model, cfg, batch, rows, rewards_dev, advantages_dev, old_log_probs, device,
+                                   precision, totals, first_step=i == 0)
+            grad_norms.append(grad_norm_and_clip(policy.model, cfg.max_grad_norm))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        n_micro = len(step_rows) * cfg.gradient_accumulation_steps
+        loss_sum, entropy_sum, clipped, tokens, old_diff, old_tokens = torch.stack(
+            [totals[k] for k in ("loss", "entropy", "clipped", "tokens", "old_diff", "old_tokens")]).tolist()  # one sync
         t3 = time.perf_counter()
 
         # ---- log
@@ -283,10 +367,14 @@ def train_grpo(
             "frac_groups_all_equal": reward_meta["frac_groups_all_equal"],
             "frac_trained_groups_informative": losses.informative_groups(raw_rewards, cfg.group_size).float().mean().item(),
             "sampling_rounds": rnd + 1,
-            "loss": sums["loss"] * cfg.gradient_accumulation_steps / max(1, n_micro),
-            "entropy": sums["entropy"] / max(1, n_micro),
-            "clip_fraction": sums["clip_fraction"] / max(1, n_micro),
-            "grad_norm": sums["grad_norm"] / max(1, n_opt),
+            "loss": loss_sum * cfg.gradient_accumulation_steps / n_micro,  # mean over optimizer steps
+            # per response token of all micro-batches (not a mean of micro-batch means: independent of the grouping)
+            "entropy": entropy_sum / max(1.0, tokens),
+            "clip_fraction": clipped / max(1.0, tokens),
+            "grad_norm": sum(grad_norms) / len(grad_norms),
+            **({"old_logp_abs_diff": old_diff / max(1.0, old_tokens)} if old_log_probs is not None else {}),
+            "padded_tokens": totals["padded_tokens"],
+            "recompute_tokens": recompute_tokens,
             "response_tokens": sum(lengths) / len(lengths),
             "frac_truncated": sum(c.finish_reason == "length" for c in completions) / len(completions),
             "lr": lr,
