@@ -155,11 +155,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     # SmolLM2-135M on GSM8K within ~30 min of H100 time (see scripts/rl_recipe.sh).
     # Groups of 32: at a ~2.5% pass rate a group of 8 is all-wrong (no gradient) 87% of the time,
     # one of 32 about half as often; micro-batches of 32 because the step is host-bound at 16 (64
-    # rows x 700 tokens x 49K vocab of fp32 logits and their temporaries took over 100 GB).
+    # rows x 700 tokens x 49K vocab of fp32 logits and their temporaries took over 100 GB). Old
+    # log-probs from the engine (T = 1, top_p = 1: they equal a recompute, tests/test_grpo_step.py): the
+    # step skips the no-grad pass. On the GPU the engine is a bf16 copy; the log's old_logp_abs_diff is the gap.
     "smollm2-gsm8k": {"n_grpo_steps": 100, "rollout_batch_size": 512, "group_size": 32, "train_batch_size": 256,
                           "gradient_accumulation_steps": 8, "sampling_max_tokens": 512, "eval_max_tokens": 512,
                           "learning_rate": 2e-5, "loss_type": "grpo_clip", "epochs_per_rollout_batch": 1, "eval_every": 10,
-                          "eval_examples": 0, "rollout_max_batch_size": 1024},
+                          "eval_examples": 0, "rollout_max_batch_size": 1024, "old_log_probs": "engine"},
 }
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 from cs336_alignment import toy_task
 from cs336_alignment.grpo import (
+    PRESETS,
     GRPOConfig,
     backward_micro_batches,
     recompute_old_log_probs,
@@ -24,6 +25,7 @@ from cs336_alignment.rollout import RolloutEngine, SamplingParams
 from cs336_alignment.sft_data import pack_prompt_and_output_ids
 from cs336_alignment.train_utils import (
     microbatches,
+    parse_config,
     place_response_values,
     prompt_token_ids,
     read_log,
@@ -206,3 +208,5 @@ def test_old_log_probs_config():
     GRPOConfig(model="m", sampling_temperature=0.7)  # recompute: any temperature
     with pytest.raises(ValueError, match="recompute or engine"):
         GRPOConfig(model="m", old_log_probs="vllm")
+    preset = parse_config(GRPOConfig, ["--preset", "smollm2-gsm8k", "--model", "m"], "test", PRESETS)
+    assert preset.old_log_probs == "engine" and preset.sampling_temperature == 1 and preset.sampling_top_p == 1
