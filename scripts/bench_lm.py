@@ -9,7 +9,9 @@ Variants ``{impl}-{mode}[-{optimizer}[-{loss}[-{ops}[-{attn}]]]]``:
   ``clip_grad_norm``; optimizer ``foreach`` (our ``AdamW(fused=False)``, multi-tensor
   ``torch._foreach_*``) or ``fused`` (our ``AdamW(fused=True)``, one Triton kernel per step); loss
   ``torchce`` (``cross_entropy_torch``, PyTorch ops; default) or ``tritonce`` (the Triton kernels of
-  ``fused_cross_entropy``, what ``cross_entropy`` runs on CUDA); ops (eager only) ``torchops``
+  ``fused_cross_entropy``, what ``cross_entropy`` runs on CUDA) or ``headce`` (``model(x, targets=y)``:
+  LM head and loss as one op, ``fused_cross_entropy.linear_cross_entropy``, what ``cs336-basics
+  train`` runs on CUDA; the logits are never kept); ops (eager only) ``torchops``
   (``model.FUSED_KERNELS = False``: RMSNorm, RoPE and SwiGLU's gate in PyTorch ops; default) or
   ``tritonops`` (their Triton kernels ``fused_rmsnorm``/``fused_rope``/``fused_swiglu``, what the
   model runs on CUDA in eager mode). Compiled, the model always runs PyTorch ops (inductor fuses them);
@@ -65,7 +67,8 @@ def make_variant(name: str, cfg, device):
     impl, mode, *rest = name.split("-")
     opt_impl, loss_impl, ops_impl, attn = (rest + ["foreach", "torchce", "torchops", "sdpa"][len(rest):])[:4]
     assert impl in ("ours", "hf") and mode in ("eager", "compiled", "graphed"), name
-    assert opt_impl in ("foreach", "fused") and loss_impl in ("torchce", "tritonce"), name
+    assert opt_impl in ("foreach", "fused") and loss_impl in ("torchce", "tritonce", "headce"), name
+    assert impl == "ours" or loss_impl == "torchce", name
     assert ops_impl == "torchops" or (ops_impl == "tritonops" and mode == "eager"), name
     assert attn in ("sdpa", "flash") and (impl == "ours" or attn == "sdpa"), name
     cs336_model.FUSED_KERNELS = ops_impl == "tritonops"  # read at every forward: holds until the next variant
@@ -74,7 +77,7 @@ def make_variant(name: str, cfg, device):
     kw = {"lr": 1e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
     if impl == "ours":
         opt = AdamW(model.parameters(), fused=opt_impl == "fused", **kw)
-        loss_fn = triton_cross_entropy if loss_impl == "tritonce" else cross_entropy_torch
+        loss_fn = {"tritonce": triton_cross_entropy, "torchce": cross_entropy_torch, "headce": None}[loss_impl]
         clip_fn = clip_grad_norm
     else:
         opt = torch.optim.AdamW(model.parameters(), fused=True, **kw)
@@ -83,7 +86,7 @@ def make_variant(name: str, cfg, device):
     if mode in ("compiled", "graphed"):  # model and (PyTorch-ops) loss, for both sides
         # graphed: inductor's CUDA graphs replay the model's forward and backward (no launch gaps)
         model = torch.compile(model, mode="reduce-overhead" if mode == "graphed" else "default")
-        if loss_fn is not triton_cross_entropy:
+        if loss_fn is not triton_cross_entropy and loss_fn is not None:
             loss_fn = torch.compile(loss_fn)
     return model, opt, loss_fn, clip_fn
 
@@ -113,7 +116,7 @@ def bench_variant(name, cfg, device, batch_size, warmup, steps, prof_steps) -> d
     def step():
         torch.compiler.cudagraph_mark_step_begin()  # graphed: a new iteration (outputs of the last may be reused)
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = loss_fn(model(x), y)
+            loss = model(x, targets=y) if loss_fn is None else loss_fn(model(x), y)
         loss.backward()
         clip_fn(model.parameters(), 1.0)
         opt.step()

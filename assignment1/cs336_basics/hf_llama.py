@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from cs336_basics.model import TransformerLM
+from cs336_basics.nn_utils import cross_entropy
 
 
 def rope_row_permutation(num_heads: int, head_dim: int) -> Tensor:
@@ -74,5 +75,7 @@ class HFLogits(nn.Module):
         super().__init__()
         self.hf, self.vocab_size, self.context_length = hf, vocab_size, context_length
 
-    def forward(self, token_ids: Tensor) -> Tensor:
-        return self.hf(input_ids=token_ids, use_cache=False).logits
+    def forward(self, token_ids: Tensor, targets: Tensor | None = None) -> Tensor:
+        """Logits, or with ``targets`` the mean cross-entropy of them (our `nn_utils.cross_entropy`)."""
+        logits = self.hf(input_ids=token_ids, use_cache=False).logits
+        return logits if targets is None else cross_entropy(logits, targets)

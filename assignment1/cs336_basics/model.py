@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cs336_basics.triton_support import kernels_for
+from cs336_basics.triton_support import kernels_for, runs_on
 
 AttnFn = Callable[[Tensor, Tensor, Tensor, bool], Tensor]
 
@@ -50,6 +50,16 @@ def triton_kernels(name: str, x: Tensor) -> ModuleType | None:
         return None
     kernels = kernels_for(x.device, name)
     return kernels if kernels is not None and x.dtype in kernels.SUPPORTED_DTYPES else None
+
+
+def fused_lm_loss() -> Callable[[Tensor, Tensor, Tensor], Tensor] | None:
+    """``fused_cross_entropy.linear_cross_entropy`` (LM head + loss), or None without Triton. A plain
+    import statement, not `kernels_for`: ``torch.compile`` traces it (importlib calls break the graph)."""
+    try:
+        from cs336_basics.fused_cross_entropy import linear_cross_entropy
+    except ImportError:
+        return None
+    return linear_cross_entropy
 
 
 # ----------------------------------------------------------------------------- leaf ops
@@ -367,7 +377,10 @@ class TransformerLM(nn.Module):
         if tie_embeddings:  # one (V, C) matrix serves as both input and output embedding
             self.lm_head.weight = self.token_embeddings.weight
 
-    def forward(self, token_ids: Tensor, kv_cache: KVCache | None = None) -> Tensor:
+    def forward(self, token_ids: Tensor, kv_cache: KVCache | None = None, targets: Tensor | None = None) -> Tensor:
+        """Logits ``(B, T, V)`` of ``token_ids`` ``(B, T)``; with ``targets`` ``(B, T)`` instead the mean
+        cross-entropy (fp32 scalar), where CUDA runs the LM head and the loss as one Triton-backed
+        op (``fused_cross_entropy.linear_cross_entropy``: the logits are never kept)."""
         t = token_ids.shape[-1]
         past = kv_cache.length if kv_cache is not None else 0
         if past + t > self.context_length:
@@ -380,7 +393,14 @@ class TransformerLM(nn.Module):
             x = layer(x, positions, kv_cache, i)
         if kv_cache is not None:
             kv_cache.length = past + t
-        return self.lm_head(self.ln_final(x))  # (B, T, V)
+        h = self.ln_final(x)  # (B, T, C)
+        if targets is None:
+            return self.lm_head(h)  # (B, T, V)
+        if FUSED_KERNELS and runs_on(h.device) and (fused := fused_lm_loss()) is not None:
+            return fused(h, self.lm_head.weight, targets)
+        from cs336_basics.nn_utils import cross_entropy  # here: nn_utils imports this module
+
+        return cross_entropy(self.lm_head(h), targets)
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> KVCache:
         """An empty cache for ``batch_size`` sequences of up to ``max_len`` (default: context) tokens."""

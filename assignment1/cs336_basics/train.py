@@ -40,9 +40,8 @@ from cs336_basics.checkpoint import (
 from cs336_basics.config import TrainConfig, add_config_args, config_from_cli
 from cs336_basics.data import check_token_range, eval_batches, get_batch, load_tokens
 from cs336_basics.model import TransformerLM
-from cs336_basics.nn_utils import clip_grad_norm, cross_entropy
+from cs336_basics.nn_utils import clip_grad_norm
 from cs336_basics.optimizer import AdamW, cosine_lr
-from cs336_basics.triton_support import kernels_for
 
 # Dense bf16 peak (TFLOP/s) by GPU name; fp32 runs use TF32 peaks (half). Unknown GPUs: no MFU.
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0,
@@ -128,7 +127,7 @@ def evaluate(model, val_data, cfg: TrainConfig, device, autocast) -> float:
     for x, y in eval_batches(val_data, cfg.batch_size // cfg.grad_accum_steps, cfg.context_length,
                              cfg.eval_batches, device):
         with autocast:
-            total += cross_entropy(model(x), y).item() * len(x)  # .item() syncs; eval is rare
+            total += model(x, targets=y).item() * len(x)  # .item() syncs; eval is rare
         n += len(x)
     model.train()
     return total / n
@@ -213,11 +212,8 @@ def train(cfg: TrainConfig, strategy=None) -> dict:
     if ckpt is not None:
         load_model_state(model, ckpt["model"], name=f"checkpoint {resume_from}")
     raw_model = model
-    loss_fn = cross_entropy  # on CUDA its Triton kernels: faster than inductor's fusion (docs/benchmarks.md)
-    if cfg.compile:
+    if cfg.compile:  # the loss is part of the model's forward (model(x, targets=y)), so compiled with it
         model = torch.compile(model)
-        if kernels_for(device, "fused_cross_entropy") is None:  # inductor: ~2 passes over the logits, not ~10
-            loss_fn = torch.compile(cross_entropy)
     if strategy is not None:
         model = strategy.wrap_model(model)
     adamw_kwargs = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps, "weight_decay": cfg.weight_decay}
@@ -321,7 +317,8 @@ def train(cfg: TrainConfig, strategy=None) -> dict:
             x, y = get_batch(train_data, micro, cfg.context_length, device, generator=data_rng)
             x, y = x[rank * per_rank:(rank + 1) * per_rank], y[rank * per_rank:(rank + 1) * per_rank]
             with autocast:
-                loss = loss_fn(model(x), y) / cfg.grad_accum_steps
+                # LM head + loss in one op on CUDA (the logits are never kept; model.TransformerLM.forward)
+                loss = model(x, targets=y) / cfg.grad_accum_steps
             loss.backward()
             loss_sum += loss.detach()
         if strategy is not None:

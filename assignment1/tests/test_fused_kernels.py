@@ -282,6 +282,51 @@ def test_lm_fused_equals_unfused_on_cuda():
     check_lm_fused_equals_unfused("cuda", autocast_dtype=torch.bfloat16, rel_tol=1e-2, **shape)
 
 
+def check_lm_loss_fused_equals_unfused(device, autocast_dtype=None, rel_tol=1e-5, **shape):
+    """``lm(ids, targets=y)`` (LM head + loss as `linear_cross_entropy`, Triton norm/RoPE/SwiGLU)
+    against `cross_entropy_torch` of the logits of the same model in PyTorch ops: the loss and the
+    gradient of every parameter."""
+    from cs336_basics.nn_utils import cross_entropy_torch
+
+    torch.manual_seed(0)
+    cfg = {"vocab_size": 50, "context_length": 16, "d_model": 32, "num_layers": 2, "num_heads": 4, "d_ff": 40,
+           "batch": 2, "t": 11} | shape
+    batch, t = cfg.pop("batch"), cfg.pop("t")
+    lm = M.TransformerLM(**cfg, device=device)
+    ids, y = (torch.randint(0, cfg["vocab_size"], (batch, t), device=device) for _ in range(2))
+    results = []
+    for fused in (True, False):
+        M.FUSED_KERNELS = fused
+        try:
+            lm.zero_grad(set_to_none=True)
+            with torch.autocast(device, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+                loss = lm(ids, targets=y) if fused else cross_entropy_torch(lm(ids), y)
+            assert fused == ("linear_cross_entropy" in type(loss.grad_fn).__name__), loss.grad_fn
+            (3.0 * loss).backward()
+            results.append((loss.detach(), {n: p.grad.clone() for n, p in lm.named_parameters()}))
+        finally:
+            M.FUSED_KERNELS = True
+    (loss, grads), (ref_loss, ref_grads) = results
+    torch.testing.assert_close(loss, ref_loss, rtol=rel_tol, atol=rel_tol)
+    rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()
+    errors = {n: rel(grads[n], ref_grads[n]) for n in grads}
+    assert max(errors.values()) < 10 * rel_tol, errors
+
+
+def test_interp_lm_loss_fused_equals_unfused():
+    check_lm_loss_fused_equals_unfused("cpu")
+    check_lm_loss_fused_equals_unfused("cpu", autocast_dtype=torch.bfloat16, rel_tol=1e-2)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_lm_loss_fused_equals_unfused_on_cuda():
+    shape = {"vocab_size": 10_000, "context_length": 256, "d_model": 512, "num_layers": 4, "num_heads": 16,
+             "d_ff": 1344, "batch": 4, "t": 256}  # tinystories-17m
+    check_lm_loss_fused_equals_unfused("cuda", **shape)
+    check_lm_loss_fused_equals_unfused("cuda", autocast_dtype=torch.bfloat16, rel_tol=1e-2, **shape)
+
+
 # ----------------------------------------------------------------------------- dispatch
 
 

@@ -28,6 +28,16 @@ def test_linear_matches_functional_and_init():
     assert abs(big.weight.std().item() - 0.9866 * big_std) < 0.01 * big_std
 
 
+def test_lm_with_targets_returns_the_loss_of_its_logits():
+    from cs336_basics.nn_utils import cross_entropy_torch
+
+    torch.manual_seed(0)
+    lm = M.TransformerLM(64, 16, 32, 2, 4, 48)
+    ids, y = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
+    torch.testing.assert_close(lm(ids, targets=y), cross_entropy_torch(lm(ids), y), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(lm(ids, targets=y), F.cross_entropy(lm(ids).flatten(0, 1), y.flatten()))
+
+
 def test_embedding_matches_functional():
     emb = M.Embedding(100, 16)
     ids = torch.randint(0, 100, (3, 7))

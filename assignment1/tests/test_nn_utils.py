@@ -76,6 +76,57 @@ def test_triton_cross_entropy_on_cuda(dtype):
     check_kernel_cross_entropy((8, 256), 10_000, dtype, "cuda", tol=1e-4)  # the tinystories-17m vocab
 
 
+def check_linear_cross_entropy(n, d, vocab, dtype, device, tol):
+    """`linear_cross_entropy` (LM head + loss, one op) against F.cross_entropy of ``h Wᵀ`` in fp32:
+    the loss and the gradients of ``2.5 · loss`` for h and W, with fp32 inputs under autocast
+    when ``dtype`` is bf16 (as the model runs)."""
+    from cs336_basics import fused_cross_entropy as fce
+
+    g = torch.Generator().manual_seed(vocab + d)
+    h = torch.randn(n, d, generator=g).to(device).requires_grad_()
+    w = (torch.randn(vocab, d, generator=g) / d**0.5).to(device).requires_grad_()
+    t = torch.randint(0, vocab, (n,), generator=g).to(device)
+    with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+        loss = fce.linear_cross_entropy(h, w, t)
+    (2.5 * loss).backward()
+    h_ref, w_ref = (x.detach().clone().requires_grad_() for x in (h, w))
+    ref = F.cross_entropy(h_ref.to(dtype).float() @ w_ref.to(dtype).float().T, t)
+    (2.5 * ref).backward()
+    assert loss.dtype == torch.float32 and h.grad.dtype == w.grad.dtype == torch.float32
+    torch.testing.assert_close(loss, ref, rtol=tol, atol=tol)
+    for got, want in ((h.grad, h_ref.grad), (w.grad, w_ref.grad)):
+        assert ((got - want).norm() / want.norm()).item() < tol
+
+
+@pytest.mark.parametrize("vocab", [33, 2048, 4100])
+def test_interp_linear_cross_entropy_matches_functional(vocab, monkeypatch):
+    from cs336_basics import fused_cross_entropy as fce
+
+    check_linear_cross_entropy(12, 16, vocab, torch.float32, "cpu", 1e-5)  # one pass: the row in registers
+    monkeypatch.setattr(fce, "ONE_PASS_MAX_V", 32)  # the two-pass loop of long rows
+    check_linear_cross_entropy(12, 16, vocab, torch.float32, "cpu", 1e-5)
+    check_linear_cross_entropy(64, 32, vocab, torch.bfloat16, "cpu", 1e-2)  # bf16 autocast
+
+
+def test_interp_linear_cross_entropy_custom_op_and_compile():
+    from cs336_basics import fused_cross_entropy as fce
+
+    h, w, t = torch.randn(5, 8), torch.randn(40, 8), torch.randint(0, 40, (5,))
+    torch.library.opcheck(torch.ops.cs336_basics.linear_cross_entropy, (h, w, t))  # fake impl, autograd
+    compiled = torch.compile(fce.linear_cross_entropy, backend="aot_eager", fullgraph=True)  # no graph break
+    torch.testing.assert_close(compiled(h, w, t), F.cross_entropy(h @ w.T, t))
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_cross_entropy_on_cuda(dtype):
+    # the tinystories-17m head (one pass) and a 50K vocab (two passes)
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-3  # bf16 logits and G; fp32 may run TF32 matmuls
+    check_linear_cross_entropy(4096, 512, 10_000, dtype, "cuda", tol)
+    check_linear_cross_entropy(1024, 256, 50_257, dtype, "cuda", tol)
+
+
 def test_cross_entropy_torch_is_the_cpu_path():
     logits, t = torch.randn(3, 4, 20), torch.randint(0, 20, (3, 4))
     torch.testing.assert_close(cross_entropy(logits, t), cross_entropy_torch(logits, t), rtol=0, atol=0)
