@@ -1,7 +1,7 @@
 """Numpy open-addressing hash tables behind ``Tokenizer``'s fast encoding path: look-ups for whole
 arrays of keys at once, so that a block of text needs no Python object per word or per pair.
 
-- ``ShortWordTable``: the UTF-8 bytes of a short pre-token (1-15 bytes) -> its packed token ids,
+- ``ShortWordTable``: the UTF-8 bytes of a short piece (1-15 bytes) -> its packed token ids,
   optionally in shared memory for the ``tokenize`` CLI's forked workers.
 - ``PairRankTable``: (left id, right id) -> merge rank, for the batched numpy BPE of new pre-tokens.
 """
@@ -16,12 +16,11 @@ import numpy as np
 
 
 class ShortWordTable:
-    """Exact numpy table for the short words of the fast path: the UTF-8 bytes of a piece of
+    """Exact numpy table for the short pieces of the fast path: the UTF-8 bytes of a piece of
     1-15 bytes as two little-endian uint64 (zero-padded; the length in the top byte of the
-    second) -> its packed ids, so the words of a block are found without a Python object per
-    word (``Tokenizer._encode_block``). Holds only pieces that are safe and start a word (see
-    ``Tokenizer._encode_text``): cuts before and after them are exact, so their ids never depend on the
-    neighbours. Open addressing with linear probing, load <= 1/2."""
+    second) -> its packed ids, so the pieces of a block are found without a Python object per
+    piece (``Tokenizer._encode_block``; the cuts around a piece are exact, so its ids never
+    depend on the neighbours). Open addressing with linear probing, load <= 1/2."""
 
     MAX_BYTES = 15
     _C1, _C2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xC2B2AE3D27D4EB4F)
@@ -92,6 +91,13 @@ class ShortWordTable:
             go_on = ~hit & (s2 != 0)  # occupied by another key: probe the next slot
             todo, slot, k1, k2 = todo[go_on], (slot[go_on] + 1) & self.mask, k1[go_on], k2[go_on]
         return out
+
+    def gather(self, slots: np.ndarray) -> np.ndarray:
+        """The ids stored at ``slots`` (all found), concatenated in order."""
+        cnt = self.cnt[slots]
+        at = np.repeat(self.off[slots] - (np.cumsum(cnt) - cnt), cnt)  # store index - output index
+        at += np.arange(at.size)
+        return self.store[at]
 
     def add(self, pieces: list[bytes], ids: list[bytes]) -> bool:
         """Store distinct pieces (1-15 bytes) with their packed ids; False (and nothing stored)

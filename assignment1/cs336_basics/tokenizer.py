@@ -6,12 +6,14 @@ tokens by repeatedly merging the adjacent pair with the lowest merge rank. Resul
 pre-token (most text re-uses a small set of words); the cache is bounded, so memory stays flat on
 any input.
 
-Fast path (same ids, see ``_encode_text``): running the GPT-2 regex over all the text costs more
-than tiktoken's whole encode, so the text is first cut at every ``" "`` (``str.split``, in C) and
-the ids of each space-led word (``" " + piece``) are cached too; the regex runs only on the words
-seen for the first time and on the few stretches where a cut at a space is not exact. The new
+Fast path (same ids, see ``_encode_pieces``): running the GPT-2 regex over all the text costs
+more than tiktoken's whole encode, so the text is first cut (in numpy, on its UTF-8 bytes) before
+every ASCII whitespace character that follows a non-whitespace one. No pre-token crosses such a
+cut, so each piece (``" word"``, ``"\\nThe"``, ``" end."``) has ids of its own, cached by its bytes:
+short pieces in a numpy table (``hash_tables.ShortWordTable``), the others in a dict. The regex
+runs only on the pieces seen for the first time, all of them joined in one pass. The new
 pre-tokens of a cold cache go through BPE together in numpy (``_bpe_batch``), and the caches hold
-ids packed as bytes, so a text's ids are one ``b"".join`` (``encode_to_array``).
+ids packed as bytes, so a text's ids are joins and numpy gathers (``encode_to_array``).
 
 Files: ``vocab.json`` (token -> id, bytes written through GPT-2's byte <-> printable-unicode map),
 ``merges.txt`` (``#version: 0.2`` then one ``left right`` pair per line, same map) and
@@ -84,71 +86,19 @@ def str_to_token(s: str) -> bytes:
         ) from None
 
 
-# Marks a piece after which a cut at the next " " is not exact (see ``_encode_text``). Bytes of
-# odd length, unequal to any packed ids (2 or 4 bytes per id): ``list.index`` finds it by
-# comparing lengths, faster than the fallback comparison an ``object()`` marker would need.
-_UNSAFE = bytes(1)
+# Where the fast path cuts a block (``Tokenizer._encode_block``): before an ASCII whitespace byte
+# (a whole character of the pattern's \s) whose preceding byte ends a character that is surely
+# not \s: an ASCII byte other than \t\n\v\f\r and space, or the last byte of a multi-byte
+# character unless it is one a \s character above ASCII ends with (U+0085, U+00A0, U+1680,
+# U+2000-U+200A, U+2028, U+2029, U+202F, U+205F, U+3000 end in 0x80-0x8a, 0x9f, 0xa0, 0xa8, 0xa9,
+# 0xaf; a letter ending in one of them is simply not cut after: fewer cuts are still exact).
+_WS_BYTES = b"\t\n\x0b\x0c\r "
+_SOLID = np.ones(256, dtype=bool)
+_SOLID[list(_WS_BYTES) + list(range(0x80, 0x8B)) + [0x9F, 0xA0, 0xA8, 0xA9, 0xAF]] = False
 # Longer pieces (e.g. text without spaces) are encoded but not cached.
-_MAX_WORD_CHARS = 64
+_MAX_WORD_BYTES = 64
 # From this many new pre-tokens on, BPE runs batched in numpy (``Tokenizer._bpe_batch``).
 _BATCH_MIN = 50
-
-
-class _WordCache(dict):
-    """piece -> packed ids of ``" " + piece`` for the fast path of ``Tokenizer._encode_text``.
-
-    A miss stores and returns an empty ``bytearray`` (a slot) and queues the piece, so the
-    look-up of all pieces stays one C-level ``map`` and every later occurrence in the same call
-    gets the same slot; the caller encodes the queued pieces in one regex pass and fills the
-    slots in place (``b"".join`` takes them as they are), then stores the ids as bytes. A piece
-    that is empty or ends in whitespace gets ``_UNSAFE`` (never stored; ``unsafe`` counts
-    them)."""
-
-    def __init__(self, max_size: int):
-        super().__init__()
-        self.max_size = max_size
-        self.new: list[str] = []  # this call's new pieces, in order
-        self.new_ids: list[bytes] = []  # and their packed ids, once ``fill`` has them
-        self.slots: list[bytearray] = []  # their slots
-        self.unsafe = 0
-        self.cleared = False  # this call emptied the cache
-
-    def start_call(self) -> None:
-        self.new.clear()
-        self.slots.clear()
-        self.unsafe = 0
-        self.cleared = False
-
-    def __missing__(self, piece: str):
-        # str.isspace accepts every character the pattern's \s does (and \x1c-\x1f besides),
-        # so a piece judged safe here is safe for the regex.
-        if not piece or piece[-1].isspace():
-            self.unsafe += 1
-            return _UNSAFE
-        slot = self[piece] = bytearray()
-        self.new.append(piece)
-        self.slots.append(slot)
-        return slot
-
-    def fill(self, ids: list[bytes]) -> None:
-        """Put the ids of this call's new pieces (in order) into their slots and the cache."""
-        deque(map(bytearray.extend, self.slots, ids), 0)
-        if len(self) > self.max_size:  # may pass ``max_size`` by this call's new words only
-            self.clear()
-            self.cleared = True
-        self.update(zip(self.new, ids))
-        self.new_ids = ids
-        if max(map(len, self.new)) > _MAX_WORD_CHARS:
-            for piece in self.new:
-                if len(piece) > _MAX_WORD_CHARS:
-                    del self[piece]
-
-    def drop_new(self) -> None:
-        """Remove this call's empty slots (after an exception)."""
-        for piece in self.new:
-            if self.get(piece).__class__ is bytearray:
-                del self[piece]
-        self.start_call()
 
 
 class Tokenizer:
@@ -217,9 +167,9 @@ class Tokenizer:
         self._special_bytes = {s: self._pack((i,)) for s, i in self._special_ids.items()}
         self._cache: dict[str, bytes] = {}  # pre-token -> packed ids (see ``_pretoken_ids``)
         self._cache_size = cache_size
-        self._words = _WordCache(cache_size // 2)
+        self._words: dict[bytes, bytes] = {}  # piece -> packed ids (see ``_encode_pieces``)
+        self._words_max = cache_size // 2
         self._short = ShortWordTable(cache_size // 2, self._dtype)
-        self._loose: dict[str, bytes] = {}  # see ``_loose_word``
         self.block_chars = 1 << 20  # text per fast-path call (see ``_blocks``)
 
     # ------------------------------------------------------------------ construction / files
@@ -461,71 +411,129 @@ class Tokenizer:
         return np.frombuffer(b"".join(parts), dtype=self._dtype)
 
     def _encode_block(self, text: str) -> bytes:
-        """Packed ids of ``text`` (no special tokens): the pieces between spaces that the short-word
-        table holds are looked up in numpy; the others (and the first piece, which has no space
-        before it) go through ``_encode_text``, and its new words join the table."""
+        """Packed ids of ``text`` (no special tokens). The text is cut before every ASCII
+        whitespace character that follows a character surely not whitespace (``_SOLID``: numpy
+        over the UTF-8 bytes); each piece pre-tokenizes on its own exactly as in the text (see
+        ``_encode_pieces``), so its ids depend on nothing around it. The pieces that the
+        short-word table holds are looked up in numpy; the others go through the word cache, and
+        the new ones that fit join the table."""
         raw = text.encode("utf-8", "surrogatepass")
-        spaces = np.flatnonzero(np.frombuffer(raw, dtype=np.uint8) == 32)
-        starts = np.r_[0, spaces + 1]
-        lens = np.r_[spaces, len(raw)] - starts
+        bounds = piece_bounds(raw)  # piece i is raw[bounds[i]:bounds[i + 1]]
         short = self._short
-        k1, k2 = short.keys(raw + bytes(16), starts, lens)
-        k2[0] = short._NEVER  # the first piece has no space before it
+        k1, k2 = short.keys(raw + bytes(16), bounds[:-1], np.diff(bounds))
         slot = short.find(k1, k2)
-        other = np.flatnonzero(slot < 0)  # pieces for ``_encode_text``, in order
-        everything = 2 * other.size > slot.size  # cold cache: all pieces through the word cache
-        if everything:
-            res = self._encode_text(text.split(" "))
-        else:
-            bounds = map(slice, starts[other].tolist(), (starts[other] + lens[other]).tolist())
-            pieces = list(map(bytes.decode, map(raw.__getitem__, bounds), repeat("utf-8"), repeat("surrogatepass")))
-            res = self._encode_text(pieces, other)
-        self._learn_short()
-        if everything:
-            return b"".join(res)
-        # interleave: table words' ids from the store, the others' from ``res``
+        other = np.flatnonzero(slot < 0)  # pieces for the word cache, in order
+        if not other.size:
+            return short.gather(slot).tobytes()
+        slices = map(slice, bounds[other].tolist(), bounds[other + 1].tolist())
+        pieces = list(map(raw.__getitem__, slices))
+        if other.size == slot.size:
+            return b"".join(self._encode_pieces(pieces, True, True))
+        # the table pieces' ids, taken before ``_encode_pieces`` may clear a private table
         found = slot >= 0
         cnt = np.empty(slot.size, dtype=np.int64)
         cnt[found] = short.cnt[slot[found]]
-        size = self._dtype.itemsize
-        cnt[other] = np.fromiter(map(len, res), dtype=np.int64, count=len(res)) // size
+        stored = short.gather(slot[found])
+        res = self._encode_pieces(pieces, other[0] == 0, other[-1] == slot.size - 1)
+        # interleave: the table pieces' ids and the others' from ``res``
+        cnt[other] = np.fromiter(map(len, res), dtype=np.int64, count=len(res)) // self._dtype.itemsize
         out = np.empty(int(cnt.sum()), dtype=self._dtype)
         from_store = np.repeat(found, cnt)
-        c = cnt[found]
-        first = short.off[slot[found]]
-        out[from_store] = short.store[np.arange(int(c.sum())) + np.repeat(first - (np.cumsum(c) - c), c)]
+        out[from_store] = stored
         out[~from_store] = np.frombuffer(b"".join(res), dtype=self._dtype)
         return out.tobytes()
 
-    def _learn_short(self) -> None:
-        """Put the last ``_encode_text`` call's new words that fit into the short-word table
-        (a private table is cleared together with the word cache, so the two hold the same
-        words)."""
-        words, short = self._words, self._short
-        shared = short.lock is not None
-        if words.cleared and not shared:
-            short.clear()
-        new = words.new  # all non-empty: the word cache stores no empty piece
+    def _encode_pieces(self, pieces: list[bytes], head: bool, tail: bool) -> list[bytes]:
+        """Packed ids of each piece (UTF-8) of a cut block (``_encode_block``), through the word
+        cache (hits in C); the new pieces are encoded together and learned by both caches.
+        ``head`` / ``tail``: ``pieces`` holds the block's first / last piece.
+
+        Why the cuts are exact: a cut sits just before a whitespace character W (of the
+        pattern's \\s) that follows a character X outside \\s. No pre-token holds both X and W
+        (only ``\\s+`` and the optional leading space of `` ?\\p{L}+`` and its siblings hold
+        whitespace, and never after another character), the pattern has no lookbehind, and
+        its one lookahead, ``(?!\\S)`` after ``\\s+``, only looks past a whitespace character,
+        which X is not. So the matches before the cut end exactly at it, and the scan restarts
+        there as on a text that starts with W: the text's pre-tokens are the pieces'
+        pre-tokens in order. The same holds where two pieces meet in any other order, as long as
+        the first ends in such an X and the second starts with such a W: every piece but the
+        block's first starts with W, and every piece but its last ends in X. So the new pieces
+        joined, the first piece first and the last one last, pre-tokenize as one text, in one
+        regex pass."""
+        words = self._words
+        new = set(pieces).difference(words)  # C-level membership tests
         if not new:
+            return list(map(words.__getitem__, pieces))
+        lead = [pieces[0]] if head and pieces[0] in new else []
+        trail = [pieces[-1]] if tail and pieces[-1] in new and pieces[-1] not in lead else []
+        if lead or trail:
+            new.difference_update(lead + trail)
+        new = lead + list(new) + trail
+        ids = self._encode_words(new)
+        # only now stored: an exception (e.g. KeyboardInterrupt) in BPE leaves the cache as it was
+        words.update(zip(new, ids))
+        res = list(map(words.__getitem__, pieces))
+        cleared = len(words) > self._words_max
+        if cleared:  # bound memory; may pass the bound by this call's new pieces only
+            words.clear()
+            words.update(zip(new, ids))
+        if max(map(len, new)) > _MAX_WORD_BYTES:
+            for piece in new:
+                if len(piece) > _MAX_WORD_BYTES:
+                    del words[piece]
+        self._learn_short(new, ids, cleared)
+        return res
+
+    def _encode_words(self, pieces: list[bytes]) -> list[bytes]:
+        """Packed ids of each piece (UTF-8), through one regex pass over all of them joined (in
+        an order that keeps each piece's pre-tokens: see ``_encode_pieces``)."""
+        joined = b"".join(pieces)
+        text = joined.decode("utf-8", "surrogatepass")
+        toks = PAT.findall(text)
+        tok_ids = self._pretoken_ids(toks)
+        if len(toks) == len(pieces):  # one pre-token each (a piece has at least one)
+            return tok_ids
+        # the first pre-token of each piece: the one that starts where the piece starts (in
+        # characters: bytes minus UTF-8 continuation bytes)
+        lens = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
+        starts = np.cumsum(lens) - lens
+        if len(text) != len(joined):
+            b = np.frombuffer(joined, dtype=np.uint8)
+            cont = np.zeros(len(joined) + 1, dtype=np.int64)
+            np.cumsum((b & 0xC0) == 0x80, out=cont[1:])
+            starts -= cont[starts]
+        tok_ends = np.cumsum(np.fromiter(map(len, toks), dtype=np.int64, count=len(toks)))
+        first = np.searchsorted(tok_ends, starts, "right")
+        vals = list(map(tok_ids.__getitem__, first.tolist()))  # right for pieces of one pre-token
+        ends = np.append(first[1:], len(toks))
+        multi = np.flatnonzero(ends - first > 1)  # pieces of several pre-tokens: join their ids
+        spans = map(slice, first[multi].tolist(), ends[multi].tolist())
+        joined_ids = map(b"".join, map(tok_ids.__getitem__, spans))
+        deque(map(vals.__setitem__, multi.tolist(), joined_ids), 0)  # all in C
+        return vals
+
+    def _learn_short(self, new: list[bytes], ids: list[bytes], cleared: bool) -> None:
+        """Put the new pieces that fit into the short-word table (a private table is cleared
+        together with the word cache, so the two hold the same pieces)."""
+        short = self._short
+        shared = short.lock is not None
+        if cleared and not shared:
+            short.clear()
+        lens = np.fromiter(map(len, new), dtype=np.int64, count=len(new))
+        keep = np.flatnonzero(lens <= short.MAX_BYTES)
+        if not keep.size:
             return
-        raw = list(map(str.encode, new, repeat("utf-8"), repeat("surrogatepass")))
-        lens = np.fromiter(map(len, raw), dtype=np.int64, count=len(raw))
-        ws = np.fromiter(map(str.isspace, map(itemgetter(0), new)), dtype=bool, count=len(new))
-        keep = np.flatnonzero((lens <= short.MAX_BYTES) & ~ws).tolist()  # short, start a word
-        if keep:
-            added = short.add(list(map(raw.__getitem__, keep)), list(map(words.new_ids.__getitem__, keep)))
-            if not added and not shared:
-                short.clear()
-                words.clear()
+        if keep.size < len(new):
+            new = list(map(new.__getitem__, keep.tolist()))
+            ids = list(map(ids.__getitem__, keep.tolist()))
+        if not short.add(new, ids) and not shared:
+            short.clear()
+            self._words.clear()
 
     def share_short_words(self, lock) -> None:
         """Move the short-word table into shared memory (empty), so that processes forked
         after this call learn each short word once for all of them (``tokenize_corpus``)."""
         self._short = ShortWordTable(self._short.max_entries, self._dtype, lock)
-
-    def _encode_plain(self, text: str) -> bytes:
-        """Packed ids of ``text`` (no special tokens) through the full GPT-2 regex."""
-        return b"".join(self._pretoken_ids(PAT.findall(text)))
 
     def _pretoken_ids(self, toks: list[str]) -> list[bytes]:
         """Packed ids of each pre-token, through the cache (hits in C); the new ones go through
@@ -545,91 +553,6 @@ class Tokenizer:
                 new = long
             cache.update(zip(new, map(self._pack, map(self._bpe, new))))
         return list(map(cache.__getitem__, toks))
-
-    def _encode_text(self, pieces: list[str], where: np.ndarray | None = None) -> list[bytes]:
-        """Packed ids of the pieces of a text (no special tokens) split at every " ", in order.
-        With ``where`` (each piece's index in the text's split), the pieces may have gaps: the
-        table words of ``_encode_block``, before and after which a cut is exact.
-
-        Why cutting at spaces is exact: a cut just before a " " whose preceding character is not
-        whitespace never splits a pre-token (only the whitespace alternatives span a character
-        followed by a space, and they hold nothing but whitespace), and the pattern has no
-        lookbehind while its only lookahead, ``(?!\\S)``, gives the same answer at the end of a
-        string as before a " ". So with ``pieces = text.split(" ")``, the word ``" " + piece``
-        pre-tokenizes on its own exactly as in the whole text whenever both the piece before it
-        and the piece itself are non-empty and end in a non-space character. Pieces that do not
-        (double spaces, "\\n " indentation, a leading space) are rare in prose. After such a
-        piece a cut is still exact if the next piece starts with a non-space character X: the
-        whitespace run W before X then ends in this " ", and the full scan also ends a pre-token
-        just before it (``\\s+(?!\\S)`` takes W minus its last character; a string ending in
-        whitespace gives the same). Elsewhere the unsafe pieces are joined with their neighbours
-        into a stretch that goes through the regex as a whole.
-        """
-        words = self._words
-        words.start_call()
-        res: list = list(map(words.__getitem__, pieces))  # hits in C; misses get slots
-        if words.new:
-            try:
-                words.fill(self._encode_words(words.new))
-            except BaseException:  # e.g. KeyboardInterrupt: leave no empty slot in the cache
-                words.drop_new()
-                raise
-        # pieces[0] has no space before it: it starts the first stretch. A stretch runs from an
-        # unsafe piece to the first exact cut after it, and goes through the regex as a whole.
-        res[0] = _UNSAFE
-        n = len(res)
-        i = 0
-        while True:
-            j = i
-            while (
-                j + 1 < n
-                and res[j] is _UNSAFE
-                and not _starts_word(pieces[j + 1])
-                and (where is None or where[j + 1] == where[j] + 1)
-            ):
-                j += 1
-            if 0 < i == j:  # one word, e.g. " end.\n" before " Next": cached apart
-                res[i] = self._loose_word(pieces[i])
-            else:
-                res[i] = self._encode_plain((" " if i else "") + " ".join(pieces[i : j + 1]))
-                for k in range(i + 1, j + 1):
-                    res[k] = b""
-            if not words.unsafe:  # pieces[0] aside, no unsafe piece in this text
-                break
-            try:
-                i = res.index(_UNSAFE, j + 1)  # identity hit first: the C scan is cheap
-            except ValueError:
-                break
-        return res
-
-    def _loose_word(self, piece: str) -> bytes:
-        """Ids of ``" " + piece`` for an unsafe piece between two exact cuts. Kept out of the
-        word cache, where a hit would hide that the piece is unsafe."""
-        ids = self._loose.get(piece)
-        if ids is None:
-            if len(self._loose) >= self._words.max_size // 8:
-                self._loose.clear()
-            ids = self._loose[piece] = self._encode_plain(" " + piece)
-        return ids
-
-    def _encode_words(self, pieces: list[str]) -> list[bytes]:
-        """Packed ids of ``" " + piece`` for safe pieces (non-empty, no space, not ending in
-        whitespace), through one regex pass over all of them."""
-        # Joined with " ", the words keep their pre-tokens (each cut is before a space that
-        # follows a non-space); a pre-token starts with " " exactly where a word starts.
-        toks = PAT.findall(" " + " ".join(pieces))
-        tok_ids = self._pretoken_ids(toks)
-        # ids per word: sum the id counts of its pre-tokens, then cut the flat id list
-        starts = np.flatnonzero(np.fromiter(map(str.startswith, toks, repeat(" ")), bool))
-        assert len(starts) == len(pieces)
-        first = starts.tolist()
-        vals = list(map(tok_ids.__getitem__, first))  # right for words of one pre-token
-        ends = np.r_[starts[1:], len(toks)]
-        multi = np.flatnonzero(ends - starts > 1)  # words of several pre-tokens: join their ids
-        spans = map(slice, starts[multi].tolist(), ends[multi].tolist())
-        joined = map(b"".join, map(tok_ids.__getitem__, spans))
-        deque(map(vals.__setitem__, multi.tolist(), joined), 0)  # all in C
-        return vals
 
     def encode_iterable(
         self, iterable: Iterable[str], buffer_chars: int = 1 << 16
@@ -693,15 +616,22 @@ class Tokenizer:
         return data.decode("utf-8", errors="replace")
 
 
-def _starts_word(piece: str) -> bool:
-    """True if a cut just before ``" " + piece`` is exact even after whitespace: the space is the
-    last one before a non-space character (see ``Tokenizer._encode_text``)."""
-    return bool(piece) and not piece[0].isspace()
+def piece_bounds(raw: bytes) -> np.ndarray:
+    """Byte offsets ``[0, cut, ..., len(raw)]`` of the fast path's pieces of UTF-8 text: a cut
+    before every ASCII whitespace byte whose preceding byte is ``_SOLID``."""
+    b = np.frombuffer(raw, dtype=np.uint8)
+    ws = b == 32
+    ws |= (b - np.uint8(9)) < 5  # \t \n \v \f \r (uint8 wraps below 9)
+    cuts = np.flatnonzero(ws[1:]) + 1
+    cuts = cuts[_SOLID[b[cuts - 1]]]
+    bounds = np.empty(cuts.size + 2, dtype=np.int64)
+    bounds[0], bounds[1:-1], bounds[-1] = 0, cuts, len(raw)
+    return bounds
 
 
 def _blocks(text: str, size: int) -> Iterator[str]:
     """``text`` in pieces of about ``size`` characters, each cut just before a " " that follows
-    a non-space character (exact: see ``Tokenizer._encode_text``). Bounded pieces keep the
+    a non-space character (exact: see ``Tokenizer._encode_pieces``). Bounded pieces keep the
     per-call lists small (memory, and young lists the garbage collector re-scans)."""
     start = 0
     pos = size

@@ -14,7 +14,7 @@ import regex
 import tiktoken
 from cs336_basics.bpe import train_bpe
 from cs336_basics.hash_tables import ShortWordTable
-from cs336_basics.tokenizer import Tokenizer, bytes_to_unicode
+from cs336_basics.tokenizer import _SOLID, _WS_BYTES, Tokenizer, bytes_to_unicode, piece_bounds
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -88,13 +88,14 @@ def test_matches_tiktoken_on_hypothesis_text(ours, reference, parts, with_eot):
     assert ours.decode(ids) == text
 
 
-# ------------------------------------------------------------------ the space-split fast path
-# Characters that stress the cut at " " (Tokenizer._encode_text): runs of spaces, every other kind
-# of whitespace the pattern's \s knows (and \x1c-\x1f, which str.isspace adds), "\r\n",
-# letters and digits outside ASCII, contraction pieces and punctuation.
+# ------------------------------------------------------------------ the fast path's cuts
+# Characters that stress the cuts before whitespace (Tokenizer._encode_pieces): runs of spaces,
+# every other kind of whitespace the pattern's \s knows (and \x1c-\x1f, which str.isspace adds),
+# "\r\n", letters and digits outside ASCII (à and ŀ end in bytes that \s characters end in too),
+# contraction pieces and punctuation.
 _ADVERSARIAL = (
-    list(" \t\n\r\x0b\x0c\x1c\x1f\x85\xa0\u2000\u2028\u3000")
-    + list("aZé中ß1٣²'sdmtlvre.,!-😀")
+    list(" \t\n\r\x0b\x0c\x1c\x1f\x85\xa0\u1680\u2000\u2028\u202f\u3000")
+    + list("aZé中ß1٣²àŀ'sdmtlvre.,!-😀")
     + [" ", "  ", "\r\n", "\n ", " \n", "'s", "'ll", " '", EOT, " " + EOT, EOT + " ", "\n" + EOT]
 )
 adversarial = st.lists(st.sampled_from(_ADVERSARIAL), max_size=60).map("".join)
@@ -163,6 +164,34 @@ def test_fast_path_on_spacing_patterns(ours, tiny_cache, ws_tok, reference):
             _fast_path_cases(ours, tiny_cache, ws_tok, reference, text)
 
 
+def test_cut_bytes_match_the_patterns_whitespace():
+    """The fast path cuts before the ASCII characters that the regex module's \\s matches, and
+    trusts no byte that ends a \\s character as the end of a non-space one."""
+    every_char = "".join(map(chr, range(0x110000)))
+    ws = regex.findall(r"\s", every_char)
+    assert {c for c in ws if c.isascii()} == set(_WS_BYTES.decode())
+    for c in ws:
+        assert not _SOLID[c.encode("utf-8")[-1]], hex(ord(c))
+
+
+@settings(max_examples=300, deadline=None)
+@given(adversarial, st.randoms())
+def test_pieces_pretokenize_alone_and_in_any_order(text, rnd):
+    """Each piece between the fast path's cuts has the pre-tokens it has in the text, and the
+    pieces joined in another order (the first first, the last last) still keep theirs."""
+    raw = text.encode("utf-8")
+    bounds = piece_bounds(raw).tolist()
+    pieces = [raw[i:j].decode("utf-8") for i, j in itertools.pairwise(bounds)]
+    assert "".join(pieces) == text
+    per_piece = [regex.findall(GPT2_PAT, p) for p in pieces]
+    assert sum(per_piece, []) == regex.findall(GPT2_PAT, text)
+    order = list(range(1, len(pieces) - 1))
+    rnd.shuffle(order)
+    order = [0, *order, len(pieces) - 1] if len(pieces) > 1 else [0]
+    joined = "".join(pieces[i] for i in order)
+    assert regex.findall(GPT2_PAT, joined) == sum((per_piece[i] for i in order), [])
+
+
 def test_interrupted_encode_leaves_no_partial_cache_entry(gpt2_dir):
     """An exception while new words are encoded (here from BPE) leaves no partial entry in
     the caches: the next call gives the right ids."""
@@ -188,7 +217,7 @@ def test_new_words_repeated_in_one_call_share_their_slot(gpt2_dir):
     text = " ".join(["zyxwvut, qqqqj", long_word] * 50) + " zyxwvut,"
     assert tok.encode(text) == plain_encode(tok, text)
     assert all(isinstance(v, bytes) for v in tok._words.values())
-    assert "zyxwvut," in tok._words and long_word not in tok._words
+    assert b"zyxwvut," in tok._words and long_word.encode() not in tok._words
     assert tok._short.size > 0  # and the short-word table holds the short ones
     assert tok.encode(text) == plain_encode(tok, text)
 
