@@ -166,6 +166,12 @@ class PairRankTable:
             left = np.ones(keys.size, dtype=bool)
             left[placed] = False
             keys, vals, slot = keys[left], vals[left], (slot[left] + 1) & self.mask
+        # every key sits at most ``max_probe`` slots after its home: a look-up is one probe at
+        # home plus, for the keys that met another key there, one window (no probing loop,
+        # whose tail of tiny rounds cost more than the window)
+        used = np.flatnonzero(self.keys != -1)
+        max_probe = int(((used - self._home(self.keys[used])) & self.mask).max(initial=0))
+        self._window = np.arange(1, max_probe + 1)
 
     def _home(self, keys: np.ndarray) -> np.ndarray:
         return ((keys.astype(np.uint64) * self._MULT) >> self.shift).astype(np.int64)
@@ -174,12 +180,14 @@ class PairRankTable:
         """Ranks of the pairs (``none`` where there is no merge)."""
         keys = left.astype(np.int64) * self.n_ids + right
         slot = self._home(keys)
-        out = np.full(keys.size, self.none, dtype=np.int32)
-        todo = np.arange(keys.size)
-        while todo.size:
-            found = self.keys[slot]
-            hit = found == keys
-            out[todo[hit]] = self.ranks[slot[hit]]
-            go_on = ~hit & (found != -1)  # occupied by another key: probe the next slot
-            todo, keys, slot = todo[go_on], keys[go_on], (slot[go_on] + 1) & self.mask
+        found = self.keys[slot]
+        out = self.ranks[slot]  # ``none`` in empty slots
+        other = found != keys
+        out[other] = self.none
+        rest = np.flatnonzero(other & (found != -1))
+        if rest.size and self._window.size:
+            win = (slot[rest, None] + self._window) & self.mask
+            hit = self.keys[win] == keys[rest, None]
+            row = np.flatnonzero(hit.any(axis=1))
+            out[rest[row]] = self.ranks[win[row, hit[row].argmax(axis=1)]]
         return out

@@ -99,6 +99,7 @@ _SOLID[list(_WS_BYTES) + list(range(0x80, 0x8B)) + [0x9F, 0xA0, 0xA8, 0xA9, 0xAF
 _MAX_WORD_BYTES = 64
 # From this many new pre-tokens on, BPE runs batched in numpy (``Tokenizer._bpe_batch``).
 _BATCH_MIN = 50
+_ZERO, _TRUE = np.zeros(1, dtype=np.int64), np.ones(1, dtype=bool)
 
 
 class Tokenizer:
@@ -358,9 +359,13 @@ class Tokenizer:
         rank[:-1] = pair_rank(np.arange(tok.size - 1))
         done_word, done_tok = [], []
         while tok.size:
-            first = np.flatnonzero(np.r_[True, word[1:] != word[:-1]])
+            # (np.concatenate, not np.r_: microseconds less per round, ~15 rounds per call)
+            first = np.concatenate((_ZERO, np.flatnonzero(word[1:] != word[:-1]) + 1))
             best = np.minimum.reduceat(rank, first)
-            best = np.repeat(best, np.diff(np.r_[first, tok.size]))
+            sizes = np.empty_like(first)
+            sizes[:-1] = first[1:] - first[:-1]
+            sizes[-1] = tok.size - first[-1]
+            best = np.repeat(best, sizes)
             finished = best == none
             if finished.any():
                 done_word.append(word[finished])
@@ -370,7 +375,7 @@ class Tokenizer:
                 if not tok.size:
                     break
             pos = np.flatnonzero(rank == best)
-            run_start = np.r_[True, np.diff(pos) != 1]
+            run_start = np.concatenate((_TRUE, pos[1:] - pos[:-1] != 1))
             if not run_start.all():  # overlapping occurrences: every other one of each run
                 start_of = pos[run_start][np.cumsum(run_start) - 1]
                 pos = pos[(pos - start_of) % 2 == 0]
@@ -387,7 +392,7 @@ class Tokenizer:
         order = np.argsort(out_word, kind="stable")  # by word, each word's tokens in order
         flat = np.concatenate(done_tok)[order].astype(self._dtype).tobytes()
         ends = np.cumsum(np.bincount(out_word, minlength=len(encoded))) * self._dtype.itemsize
-        starts = np.r_[0, ends[:-1]]
+        starts = np.concatenate((_ZERO, ends[:-1]))
         return list(map(flat.__getitem__, map(slice, starts.tolist(), ends.tolist())))
 
     def _pack(self, ids: Sequence[int]) -> bytes:

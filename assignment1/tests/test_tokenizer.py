@@ -13,7 +13,7 @@ import pytest
 import regex
 import tiktoken
 from cs336_basics.bpe import train_bpe
-from cs336_basics.hash_tables import ShortWordTable
+from cs336_basics.hash_tables import PairRankTable, ShortWordTable
 from cs336_basics.tokenizer import _SOLID, _WS_BYTES, Tokenizer, bytes_to_unicode, piece_bounds
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -242,6 +242,20 @@ def test_short_word_table_is_exact(stored, probes):
             assert s >= 0 and table.store[table.off[s] : table.off[s] + table.cnt[s]].tolist() == want.tolist()
         else:
             assert s == -1, piece
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.dictionaries(st.tuples(st.integers(0, 60), st.integers(0, 60)), st.integers(0, 999), max_size=300),
+       st.lists(st.tuples(st.integers(0, 60), st.integers(0, 60)), max_size=300))
+def test_pair_rank_table_equals_dict(ranks, probes):
+    """The numpy pair table (one probe, then a window as wide as the longest displacement) gives
+    each pair's rank exactly as the dict does, and ``none`` for pairs it does not hold; also on
+    crowded tables where keys sit far from home."""
+    table = PairRankTable(ranks, 61, 1000)
+    pairs = list(ranks) + probes
+    left = np.array([a for a, _ in pairs], dtype=np.int32)
+    right = np.array([b for _, b in pairs], dtype=np.int32)
+    assert table.lookup(left, right).tolist() == [ranks.get(p, 1000) for p in pairs]
 
 
 @pytest.mark.skipif("fork" not in mp.get_all_start_methods(), reason="needs fork")
