@@ -71,7 +71,9 @@ def make_variant(name: str, cfg, device):
     assert impl == "ours" or loss_impl == "torchce", name
     assert ops_impl == "torchops" or (ops_impl == "tritonops" and mode == "eager"), name
     assert attn in ("sdpa", "flash") and (impl == "ours" or attn == "sdpa"), name
-    cs336_model.FUSED_KERNELS = ops_impl == "tritonops"  # read at every forward: holds until the next variant
+    # read at every forward, holds until the next variant; compiled, the norm/RoPE/SwiGLU kernels are
+    # off anyway (inductor fuses the PyTorch ops) and True keeps the fused LM head + loss of headce
+    cs336_model.FUSED_KERNELS = ops_impl == "tritonops" or mode != "eager"
     torch.manual_seed(0)
     model = build_model(cfg.replace(model_impl="cs336" if impl == "ours" else "hf-llama", attn_backend=attn), device)
     kw = {"lr": 1e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
