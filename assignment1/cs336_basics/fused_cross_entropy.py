@@ -33,9 +33,8 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
-def _ce_fwd_kernel(logits_ptr, stride, targets_ptr, loss_ptr, lse_ptr, V, BLOCK_V: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    base = logits_ptr + row * stride
+def _row_lse(base, V, BLOCK_V: tl.constexpr):
+    """log-sum-exp of one row of V logits at ``base``, read once in blocks (fp32 math)."""
     # per-lane running max and sum of exp(x - max); finite start so that masked lanes (-inf) give 0, not nan
     m = tl.full([BLOCK_V], -3.0e38, tl.float32)
     s = tl.zeros([BLOCK_V], tl.float32)
@@ -46,9 +45,28 @@ def _ce_fwd_kernel(logits_ptr, stride, targets_ptr, loss_ptr, lse_ptr, V, BLOCK_
         s = s * tl.exp(m - m_new) + tl.exp(x - m_new)
         m = m_new
     row_max = tl.max(m, axis=0)
-    lse = row_max + tl.log(tl.sum(s * tl.exp(m - row_max), axis=0))
-    target = tl.load(targets_ptr + row)
-    target_logit = tl.load(base + target).to(tl.float32)
+    return row_max + tl.log(tl.sum(s * tl.exp(m - row_max), axis=0))
+
+
+@triton.jit
+def _store_row_grad(base, gbase, lse, target, scale, V, BLOCK_V: tl.constexpr):
+    """``(softmax - onehot(target)) · scale`` of the row at ``base`` into ``gbase`` (may be ``base``:
+    each block is read before it is written), in the gradient's dtype."""
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        mask = cols < V
+        x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
+        p = tl.exp(x - lse)  # softmax
+        d = tl.where(cols == target, p - 1.0, p) * scale
+        tl.store(gbase + cols, d.to(gbase.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _ce_fwd_kernel(logits_ptr, stride, targets_ptr, loss_ptr, lse_ptr, V, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    base = logits_ptr + row * stride
+    lse = _row_lse(base, V, BLOCK_V)
+    target_logit = tl.load(base + tl.load(targets_ptr + row)).to(tl.float32)
     tl.store(loss_ptr + row, lse - target_logit)
     tl.store(lse_ptr + row, lse)
 
@@ -57,18 +75,9 @@ def _ce_fwd_kernel(logits_ptr, stride, targets_ptr, loss_ptr, lse_ptr, V, BLOCK_
 def _ce_bwd_kernel(logits_ptr, stride, targets_ptr, lse_ptr, grad_loss_ptr, grad_ptr, grad_stride, V, inv_n,
                    BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    base = logits_ptr + row * stride
-    gbase = grad_ptr + row * grad_stride
     scale = tl.load(grad_loss_ptr).to(tl.float32) * inv_n  # d(mean)/d(row loss) · upstream gradient
-    lse = tl.load(lse_ptr + row)
-    target = tl.load(targets_ptr + row)
-    for v0 in range(0, V, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
-        mask = cols < V
-        x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
-        p = tl.exp(x - lse)  # softmax
-        d = tl.where(cols == target, p - 1.0, p) * scale
-        tl.store(gbase + cols, d.to(grad_ptr.dtype.element_ty), mask=mask)
+    _store_row_grad(logits_ptr + row * stride, grad_ptr + row * grad_stride, tl.load(lse_ptr + row),
+                    tl.load(targets_ptr + row), scale, V, BLOCK_V)
 
 
 class _CrossEntropy(torch.autograd.Function):
@@ -103,28 +112,15 @@ def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
 
 @triton.jit
 def _ce_grad_inplace_kernel(logits_ptr, stride, targets_ptr, loss_ptr, V, BLOCK_V: tl.constexpr):
-    """Row loss, and the row overwritten with ``softmax - onehot`` (fp32 math, stored in its dtype):
-    the online log-sum-exp of `_ce_fwd_kernel`, then a second read of the row (mostly from L2: the
-    rows in flight are a few MB) that writes the gradient in place."""
+    """Row loss, and the row overwritten with ``softmax - onehot`` (unscaled): the two loops of the
+    kernels above in one program, so the second read of the row comes mostly from L2 (the rows in
+    flight are a few MB)."""
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * stride
     target = tl.load(targets_ptr + row)
-    m = tl.full([BLOCK_V], -3.0e38, tl.float32)
-    s = tl.zeros([BLOCK_V], tl.float32)
-    for v0 in range(0, V, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
-        x = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, x)
-        s = s * tl.exp(m - m_new) + tl.exp(x - m_new)
-        m = m_new
-    row_max = tl.max(m, axis=0)
-    lse = row_max + tl.log(tl.sum(s * tl.exp(m - row_max), axis=0))
+    lse = _row_lse(base, V, BLOCK_V)
     tl.store(loss_ptr + row, lse - tl.load(base + target).to(tl.float32))
-    for v0 in range(0, V, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
-        mask = cols < V
-        p = tl.exp(tl.load(base + cols, mask=mask, other=0.0).to(tl.float32) - lse)
-        tl.store(base + cols, tl.where(cols == target, p - 1.0, p).to(logits_ptr.dtype.element_ty), mask=mask)
+    _store_row_grad(base, base, lse, target, 1.0, V, BLOCK_V)
 
 
 @torch.library.custom_op("cs336_basics::linear_cross_entropy", mutates_args=())

@@ -233,13 +233,22 @@ def lm_logits_and_grads(lm, ids, fused: bool, autocast_dtype=None):
         M.FUSED_KERNELS = True
 
 
-def check_lm_fused_equals_unfused(device, norm="pre", autocast_dtype=None, rel_tol=1e-5, **shape):
-    """TransformerLM with the Triton kernels against the same model in PyTorch ops: logits and the
-    gradient of every parameter, as relative errors ``‖fused - ref‖ / ‖ref‖``."""
+TINYSTORIES_17M = {"vocab_size": 10_000, "context_length": 256, "d_model": 512, "num_layers": 4, "num_heads": 16,
+                   "d_ff": 1344, "batch": 4, "t": 256}
+
+
+def lm_shape(**shape) -> tuple[dict, int, int]:
+    """(TransformerLM kwargs, batch, t): a small default model, overridden by ``shape``; seeds torch."""
     torch.manual_seed(0)
     cfg = {"vocab_size": 50, "context_length": 16, "d_model": 32, "num_layers": 2, "num_heads": 4, "d_ff": 40,
            "batch": 2, "t": 11} | shape
-    batch, t = cfg.pop("batch"), cfg.pop("t")
+    return cfg, cfg.pop("batch"), cfg.pop("t")
+
+
+def check_lm_fused_equals_unfused(device, norm="pre", autocast_dtype=None, rel_tol=1e-5, **shape):
+    """TransformerLM with the Triton kernels against the same model in PyTorch ops: logits and the
+    gradient of every parameter, as relative errors ``‖fused - ref‖ / ‖ref‖``."""
+    cfg, batch, t = lm_shape(**shape)
     lm = M.TransformerLM(**cfg, norm=norm, device=device)
     ids = torch.randint(0, cfg["vocab_size"], (batch, t), device=device)
     logits, grads, ran = lm_logits_and_grads(lm, ids, True, autocast_dtype)
@@ -276,8 +285,7 @@ def test_interp_kv_cache_decoding_with_kernels():
 @pytest.mark.gpu
 @needs_cuda
 def test_lm_fused_equals_unfused_on_cuda():
-    shape = {"vocab_size": 10_000, "context_length": 256, "d_model": 512, "num_layers": 4, "num_heads": 16,
-             "d_ff": 1344, "batch": 4, "t": 256}  # tinystories-17m
+    shape = TINYSTORIES_17M
     check_lm_fused_equals_unfused("cuda", **shape)
     check_lm_fused_equals_unfused("cuda", autocast_dtype=torch.bfloat16, rel_tol=1e-2, **shape)
 
@@ -288,10 +296,7 @@ def check_lm_loss_fused_equals_unfused(device, autocast_dtype=None, rel_tol=1e-5
     gradient of every parameter."""
     from cs336_basics.nn_utils import cross_entropy_torch
 
-    torch.manual_seed(0)
-    cfg = {"vocab_size": 50, "context_length": 16, "d_model": 32, "num_layers": 2, "num_heads": 4, "d_ff": 40,
-           "batch": 2, "t": 11} | shape
-    batch, t = cfg.pop("batch"), cfg.pop("t")
+    cfg, batch, t = lm_shape(**shape)
     lm = M.TransformerLM(**cfg, device=device)
     ids, y = (torch.randint(0, cfg["vocab_size"], (batch, t), device=device) for _ in range(2))
     results = []
@@ -321,8 +326,7 @@ def test_interp_lm_loss_fused_equals_unfused():
 @pytest.mark.gpu
 @needs_cuda
 def test_lm_loss_fused_equals_unfused_on_cuda():
-    shape = {"vocab_size": 10_000, "context_length": 256, "d_model": 512, "num_layers": 4, "num_heads": 16,
-             "d_ff": 1344, "batch": 4, "t": 256}  # tinystories-17m
+    shape = TINYSTORIES_17M
     check_lm_loss_fused_equals_unfused("cuda", **shape)
     check_lm_loss_fused_equals_unfused("cuda", autocast_dtype=torch.bfloat16, rel_tol=1e-2, **shape)
 
