@@ -10,13 +10,14 @@ Variants ``{impl}-{mode}[-{optimizer}[-{loss}[-{ops}[-{attn}]]]]``:
   ``torch._foreach_*``) or ``fused`` (our ``AdamW(fused=True)``, one Triton kernel per step); loss
   ``torchce`` (``cross_entropy_torch``, PyTorch ops; default) or ``tritonce`` (the Triton kernels of
   ``fused_cross_entropy``, what ``cross_entropy`` runs on CUDA) or ``headce`` (``model(x, targets=y)``:
-  LM head and loss as one op, ``fused_cross_entropy.linear_cross_entropy``, what ``cs336-basics
-  train`` runs on CUDA; the logits are never kept); ops (eager only) ``torchops``
-  (``model.FUSED_KERNELS = False``: RMSNorm, RoPE and SwiGLU's gate in PyTorch ops; default) or
-  ``tritonops`` (their Triton kernels ``fused_rmsnorm``/``fused_rope``/``fused_swiglu``, what the
-  model runs on CUDA in eager mode). Compiled, the model always runs PyTorch ops (inductor fuses them);
-  attn ``sdpa`` (PyTorch's SDPA, its default backend: cuDNN on Hopper; default) or ``flash`` (our
-  Triton FlashAttention-2 of ``cs336_systems``, custom ops under ``torch.compile``).
+  LM head and loss as one op, ``fused_cross_entropy.linear_cross_entropy``, ``model.FUSED_LM_HEAD``;
+  the logits are never kept); ops ``torchops`` (eager:
+  ``model.FUSED_KERNELS = False``, RMSNorm, RoPE and SwiGLU's gate in PyTorch ops; compiled:
+  inductor fuses all of those; default) or ``tritonops`` (eager: their Triton kernels
+  ``fused_rmsnorm``/``fused_rope``/``fused_swiglu``; compiled: the kernels of
+  ``model.COMPILED_KERNELS``, i.e. our RoPE operator, inductor the rest; both what the model runs on
+  CUDA); attn ``sdpa`` (PyTorch's SDPA, its default backend: cuDNN on Hopper; default) or ``flash``
+  (our Triton FlashAttention-2 of ``cs336_systems``, ``triton_op`` operators that inductor launches).
 - impl ``hf``: ``LlamaForCausalLM`` (``attn_implementation="sdpa"``, same initial weights), the loss
   it uses internally (``F.cross_entropy`` on fp32 logits), ``torch.nn.utils.clip_grad_norm_`` and
   ``torch.optim.AdamW(fused=True)``.
@@ -69,11 +70,13 @@ def make_variant(name: str, cfg, device):
     assert impl in ("ours", "hf") and mode in ("eager", "compiled", "graphed"), name
     assert opt_impl in ("foreach", "fused") and loss_impl in ("torchce", "tritonce", "headce"), name
     assert impl == "ours" or loss_impl == "torchce", name
-    assert ops_impl == "torchops" or (ops_impl == "tritonops" and mode == "eager"), name
+    assert ops_impl in ("torchops", "tritonops"), name
     assert attn in ("sdpa", "flash") and (impl == "ours" or attn == "sdpa"), name
-    # read at every forward, holds until the next variant; compiled, the norm/RoPE/SwiGLU kernels are
-    # off anyway (inductor fuses the PyTorch ops) and True keeps the fused LM head + loss of headce
+    # read at every forward, holds until the next variant; compiled, only the kernels in
+    # COMPILED_KERNELS replace inductor's fusion, and True keeps the fused LM head + loss of headce
     cs336_model.FUSED_KERNELS = ops_impl == "tritonops" or mode != "eager"
+    cs336_model.COMPILED_KERNELS = {"fused_rope"} if ops_impl == "tritonops" else set()
+    cs336_model.FUSED_LM_HEAD = loss_impl == "headce"
     torch.manual_seed(0)
     model = build_model(cfg.replace(model_impl="cs336" if impl == "ours" else "hf-llama", attn_backend=attn), device)
     kw = {"lr": 1e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}

@@ -13,7 +13,8 @@ softmax attention below), ``"sdpa"`` (``torch.nn.functional.scaled_dot_product_a
 RMSNorm, RoPE and SwiGLU's ``silu(a) · b`` run as Triton kernels, forward and backward, on CUDA in
 eager mode (``fused_rmsnorm.py``, ``fused_rope.py``, ``fused_swiglu.py``: one pass over memory
 where the PyTorch ops below take several); under ``torch.compile`` inductor fuses the PyTorch ops
-itself. The PyTorch ops stay the reference and run everywhere else; ``model.FUSED_KERNELS = False``
+itself, except for the kernels in ``COMPILED_KERNELS`` (RoPE, an operator that keeps q/k in the
+projections' layout). The PyTorch ops stay the reference and run everywhere else; ``model.FUSED_KERNELS = False``
 runs them on CUDA too (to measure before/after in one process).
 
 Shapes: B batch, T sequence, H heads, D head dim, C d_model, F d_ff, V vocab.
@@ -40,16 +41,40 @@ from cs336_basics.triton_support import kernels_for, runs_on
 AttnFn = Callable[[Tensor, Tensor, Tensor, bool], Tensor]
 
 FUSED_KERNELS = True  # False: the PyTorch ops on every device (read at each call, see `triton_kernels`)
+# the kernels that are operators (``triton_support.kernel_op``) and also replace inductor's fusion of
+# the PyTorch ops under torch.compile; empty: inductor fuses everything (to measure one against the other)
+COMPILED_KERNELS: set[str] = {"fused_rope"}
+# ``forward(ids, targets=y)`` on CUDA: True runs the LM head and the loss as one op
+# (``fused_cross_entropy.linear_cross_entropy``: no (N, V) gradient buffer, 0.65 GB less peak memory
+# for tinystories-17m at batch 128) instead of the head GEMM + the two-kernel Triton loss. Off by
+# default: on the H200 it measured slower (compiled step 11.43 vs 11.16 ms, eager 27.8 vs 26.7 ms).
+FUSED_LM_HEAD = False
 
 
 def triton_kernels(name: str, x: Tensor) -> ModuleType | None:
     """The Triton kernel module ``cs336_basics.<name>`` to run on ``x``, or None for the PyTorch ops:
-    None when `FUSED_KERNELS` is off, while ``torch.compile`` traces (inductor fuses the PyTorch
-    ops itself), where Triton cannot take ``x`` (CPU outside the interpreter) or for its dtype."""
-    if not FUSED_KERNELS or torch.compiler.is_compiling():
+    None when `FUSED_KERNELS` is off, while ``torch.compile`` traces unless ``name`` is in
+    `COMPILED_KERNELS` (inductor fuses the PyTorch ops itself), where Triton cannot take ``x`` (CPU
+    outside the interpreter) or for its dtype."""
+    if not FUSED_KERNELS:
         return None
-    kernels = kernels_for(x.device, name)
+    if torch.compiler.is_compiling():
+        kernels = _traceable_kernels(name) if name in COMPILED_KERNELS and runs_on(x.device) else None
+    else:
+        kernels = kernels_for(x.device, name)
     return kernels if kernels is not None and x.dtype in kernels.SUPPORTED_DTYPES else None
+
+
+def _traceable_kernels(name: str) -> ModuleType | None:
+    """`COMPILED_KERNELS` by plain import statements, which dynamo traces (importlib calls break the graph)."""
+    try:
+        if name == "fused_rope":
+            from cs336_basics import fused_rope
+
+            return fused_rope
+    except ImportError:
+        pass
+    return None
 
 
 def fused_lm_loss() -> Callable[[Tensor, Tensor, Tensor], Tensor] | None:
@@ -379,8 +404,8 @@ class TransformerLM(nn.Module):
 
     def forward(self, token_ids: Tensor, kv_cache: KVCache | None = None, targets: Tensor | None = None) -> Tensor:
         """Logits ``(B, T, V)`` of ``token_ids`` ``(B, T)``; with ``targets`` ``(B, T)`` instead the mean
-        cross-entropy (fp32 scalar), where CUDA runs the LM head and the loss as one Triton-backed
-        op (``fused_cross_entropy.linear_cross_entropy``: the logits are never kept)."""
+        cross-entropy (fp32 scalar): on CUDA the Triton loss of ``nn_utils.cross_entropy``, or with
+        `FUSED_LM_HEAD` the LM head and loss as one op (the logits are never kept)."""
         t = token_ids.shape[-1]
         past = kv_cache.length if kv_cache is not None else 0
         if past + t > self.context_length:
@@ -396,7 +421,7 @@ class TransformerLM(nn.Module):
         h = self.ln_final(x)  # (B, T, C)
         if targets is None:
             return self.lm_head(h)  # (B, T, V)
-        if FUSED_KERNELS and runs_on(h.device) and (fused := fused_lm_loss()) is not None:
+        if FUSED_KERNELS and FUSED_LM_HEAD and runs_on(h.device) and (fused := fused_lm_loss()) is not None:
             return fused(h, self.lm_head.weight, targets)
         from cs336_basics.nn_utils import cross_entropy  # here: nn_utils imports this module
 

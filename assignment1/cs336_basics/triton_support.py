@@ -9,7 +9,9 @@ import importlib
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -62,3 +64,36 @@ def run_interpreter_tests(*test_files: str, timeout: float = 600) -> subprocess.
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *test_files, "-k", "interp_"],
         check=False, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=timeout,
     )
+
+
+# ---- operators whose implementation is Triton kernels
+
+
+def kernel_op(name: str, fake: Callable[..., Any]) -> Callable[[Callable[..., Any]], Any]:
+    """Decorator: ``fn`` (tensors in, tensors out, kernels launched through `launch`) as the
+    operator ``name`` ("namespace::op"), so that ``torch.compile`` keeps the graph whole.
+
+    With real Triton it is a ``torch.library.triton_op``: inductor traces into ``fn`` and launches
+    the kernels from its generated code (no Python dispatch or Triton launcher per call, which in a
+    compiled training step left the GPU waiting for the host) and sees its PyTorch ops. Under the
+    interpreter (``TRITON_INTERPRET=1``, the CPU tests) a kernel is a Python function that
+    ``torch.library.wrap_triton`` cannot trace, so it is an opaque ``torch.library.custom_op`` whose
+    output shapes/strides come from ``fake`` (which must describe what ``fn`` returns).
+    Returns the op; ``register_autograd`` works on both kinds.
+    """
+
+    def define(fn: Callable[..., Any]):
+        if interpreting():
+            op = torch.library.custom_op(name, mutates_args=())(fn)
+            op.register_fake(fake)
+            return op
+        return torch.library.triton_op(name, mutates_args=())(fn)
+
+    return define
+
+
+def launch(kernel):
+    """``kernel`` (a ``@triton.jit`` function or ``triton.autotune`` wrapper) ready to be indexed by a
+    grid and called, inside a `kernel_op` body: wrapped with ``torch.library.wrap_triton`` so the
+    launch can be traced, except under the interpreter."""
+    return kernel if interpreting() else torch.library.wrap_triton(kernel)

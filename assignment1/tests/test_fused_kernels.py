@@ -122,6 +122,9 @@ def test_rmsnorm_on_cuda(dtype):
 # ----------------------------------------------------------------------------- RoPE
 
 
+ROPE_NODE = "GeneratedBackwardFor_cs336_basics_rope_defaultBackward"  # the autograd node of fused_rope's op
+
+
 def rope_reference(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
     """Adjacent pairs as complex numbers times ``exp(i · pos · theta^(-2k/D))``, in fp64."""
     d = x.shape[-1]
@@ -143,14 +146,15 @@ def check_rope(batch, heads, t, d, dtype, device, per_batch_positions=False):
         positions = torch.randperm(max_len, generator=g)[:t]
     dy = torch.randn(batch, heads, t, d, generator=g).to(device, dtype)
     y = rope(x, positions.to(device))
-    assert "_RoPEBackward" in backward_names(y), "the Triton path did not run"
+    assert ROPE_NODE in backward_names(y), "the Triton path did not run"
     y.backward(dy)
     x64 = leaf(x.detach().cpu().double())
     y64 = rope_reference(x64, positions, 10000.0)
     y64.backward(dy.cpu().double())
-    assert y.is_contiguous()
-    # the gradient in the transposed view's layout (so no copy upstream); size-1 dims have any stride
-    assert all(gs == xs for gs, xs, n in zip(x.grad.stride(), x.stride(), x.shape) if n > 1)
+    # output and gradient in the transposed view's layout (no copy on the way to attention or back
+    # to the projection); size-1 dims have any stride
+    for out in (y, x.grad):
+        assert all(ts == xs for ts, xs, n in zip(out.stride(), x.stride(), x.shape) if n > 1)
     assert_close(y.cpu(), y64, dtype)
     assert_close(x.grad.cpu(), x64.grad, dtype)
 
@@ -167,7 +171,7 @@ def test_interp_rope_bf16_and_other_ranks():
         x = leaf(torch.randn(shape))
         positions = torch.arange(3, 12)
         y = rope(x, positions)
-        assert "_RoPEBackward" in backward_names(y)
+        assert ROPE_NODE in backward_names(y)
         y.sum().backward()
         x64 = leaf(x.detach().double())
         rope_reference(x64, positions, 500.0).sum().backward()
@@ -181,6 +185,23 @@ def test_interp_rope_bf16_and_other_ranks():
 def test_rope_on_cuda(dtype):
     check_rope(8, 16, 256, 32, dtype, "cuda")  # the 17M model's q/k
     check_rope(4, 4, 100, 128, dtype, "cuda", per_batch_positions=True)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_rope_under_inductor_on_cuda():
+    # under torch.compile the op's kernel is launched by inductor's code (Python floats arrive as
+    # fp64 there on torch 2.11); output and gradient against the eager op
+    rope = M.RotaryPositionalEmbedding(10000.0, 32, 256, device="cuda")
+    x = leaf(torch.randn(4, 256, 16, 32, device="cuda", dtype=torch.bfloat16).transpose(1, 2))
+    dy = torch.randn(4, 16, 256, 32, device="cuda", dtype=torch.bfloat16)
+    pos = torch.arange(256, device="cuda")
+    y_ref = rope(x, pos)
+    (dx_ref,) = torch.autograd.grad(y_ref, x, dy)
+    y = torch.compile(lambda t: rope(t, pos), fullgraph=True)(x)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    torch.testing.assert_close(dx, dx_ref, rtol=0, atol=0)  # (layouts are inductor's choice here)
 
 
 # ----------------------------------------------------------------------------- SwiGLU gate
@@ -226,7 +247,7 @@ def lm_logits_and_grads(lm, ids, fused: bool, autocast_dtype=None):
                                   enabled=autocast_dtype is not None)
         with autocast:
             logits = lm(ids)
-        ran = {"_RMSNormBackward", "_RoPEBackward", "_SiLUMulBackward"} & backward_names(logits)
+        ran = {"_RMSNormBackward", ROPE_NODE, "_SiLUMulBackward"} & backward_names(logits)
         (logits.float() ** 2).mean().backward()
         return logits, {n: p.grad for n, p in lm.named_parameters()}, ran
     finally:
@@ -253,7 +274,7 @@ def check_lm_fused_equals_unfused(device, norm="pre", autocast_dtype=None, rel_t
     ids = torch.randint(0, cfg["vocab_size"], (batch, t), device=device)
     logits, grads, ran = lm_logits_and_grads(lm, ids, True, autocast_dtype)
     ref_logits, ref_grads, ran_ref = lm_logits_and_grads(lm, ids, False, autocast_dtype)
-    assert ran == {"_RMSNormBackward", "_RoPEBackward", "_SiLUMulBackward"} and not ran_ref
+    assert ran == {"_RMSNormBackward", ROPE_NODE, "_SiLUMulBackward"} and not ran_ref
     rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()
     assert logits.dtype == ref_logits.dtype
     assert rel(logits, ref_logits) < rel_tol
@@ -290,10 +311,10 @@ def test_lm_fused_equals_unfused_on_cuda():
     check_lm_fused_equals_unfused("cuda", autocast_dtype=torch.bfloat16, rel_tol=1e-2, **shape)
 
 
-def check_lm_loss_fused_equals_unfused(device, autocast_dtype=None, rel_tol=1e-5, **shape):
-    """``lm(ids, targets=y)`` (LM head + loss as `linear_cross_entropy`, Triton norm/RoPE/SwiGLU)
-    against `cross_entropy_torch` of the logits of the same model in PyTorch ops: the loss and the
-    gradient of every parameter."""
+def check_lm_loss_fused_equals_unfused(device, autocast_dtype=None, rel_tol=1e-5, fused_head=False, **shape):
+    """``lm(ids, targets=y)`` (Triton norm/RoPE/SwiGLU and the Triton loss, or with ``fused_head``
+    the LM head + loss as `linear_cross_entropy`) against `cross_entropy_torch` of the logits of the
+    same model in PyTorch ops: the loss and the gradient of every parameter."""
     from cs336_basics.nn_utils import cross_entropy_torch
 
     cfg, batch, t = lm_shape(**shape)
@@ -301,16 +322,18 @@ def check_lm_loss_fused_equals_unfused(device, autocast_dtype=None, rel_tol=1e-5
     ids, y = (torch.randint(0, cfg["vocab_size"], (batch, t), device=device) for _ in range(2))
     results = []
     for fused in (True, False):
-        M.FUSED_KERNELS = fused
+        M.FUSED_KERNELS, M.FUSED_LM_HEAD = fused, fused_head
         try:
             lm.zero_grad(set_to_none=True)
             with torch.autocast(device, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
                 loss = lm(ids, targets=y) if fused else cross_entropy_torch(lm(ids), y)
-            assert fused == ("linear_cross_entropy" in type(loss.grad_fn).__name__), loss.grad_fn
+            node = type(loss.grad_fn).__name__
+            assert (fused and fused_head) == ("linear_cross_entropy" in node), node
+            assert (fused and not fused_head) == (node == "_CrossEntropyBackward"), node
             (3.0 * loss).backward()
             results.append((loss.detach(), {n: p.grad.clone() for n, p in lm.named_parameters()}))
         finally:
-            M.FUSED_KERNELS = True
+            M.FUSED_KERNELS, M.FUSED_LM_HEAD = True, False
     (loss, grads), (ref_loss, ref_grads) = results
     torch.testing.assert_close(loss, ref_loss, rtol=rel_tol, atol=rel_tol)
     rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()
@@ -318,17 +341,20 @@ def check_lm_loss_fused_equals_unfused(device, autocast_dtype=None, rel_tol=1e-5
     assert max(errors.values()) < 10 * rel_tol, errors
 
 
-def test_interp_lm_loss_fused_equals_unfused():
-    check_lm_loss_fused_equals_unfused("cpu")
-    check_lm_loss_fused_equals_unfused("cpu", autocast_dtype=torch.bfloat16, rel_tol=1e-2)
+@pytest.mark.parametrize("fused_head", [False, True])
+def test_interp_lm_loss_fused_equals_unfused(fused_head):
+    check_lm_loss_fused_equals_unfused("cpu", fused_head=fused_head)
+    check_lm_loss_fused_equals_unfused("cpu", autocast_dtype=torch.bfloat16, rel_tol=1e-2, fused_head=fused_head)
 
 
 @pytest.mark.gpu
 @needs_cuda
-def test_lm_loss_fused_equals_unfused_on_cuda():
+@pytest.mark.parametrize("fused_head", [False, True])
+def test_lm_loss_fused_equals_unfused_on_cuda(fused_head):
     shape = TINYSTORIES_17M
-    check_lm_loss_fused_equals_unfused("cuda", **shape)
-    check_lm_loss_fused_equals_unfused("cuda", autocast_dtype=torch.bfloat16, rel_tol=1e-2, **shape)
+    check_lm_loss_fused_equals_unfused("cuda", fused_head=fused_head, **shape)
+    check_lm_loss_fused_equals_unfused("cuda", autocast_dtype=torch.bfloat16, rel_tol=1e-2, fused_head=fused_head,
+                                       **shape)
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -339,4 +365,4 @@ def test_cpu_runs_the_pytorch_ops():
     x = torch.randn(2, 4, 8, requires_grad=True)
     assert M.triton_kernels("fused_rmsnorm", x) is None
     names = backward_names(M.RMSNorm(8)(x)) | backward_names(M.RotaryPositionalEmbedding(1e4, 8, 4)(x, torch.arange(4)))
-    assert not names & {"_RMSNormBackward", "_RoPEBackward"}
+    assert not names & {"_RMSNormBackward", ROPE_NODE}

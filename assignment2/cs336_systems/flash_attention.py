@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 
 import torch
+from cs336_basics.triton_support import kernel_op
 from cs336_basics.triton_support import runs_on as triton_runs_on
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
@@ -160,41 +161,45 @@ def _as_4d(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-# The kernels as custom operators: opaque to torch.compile (no graph break, inductor keeps the
-# fused code on both sides of attention), with fake implementations giving output shapes/strides.
+# The kernels as operators (`kernel_op`: a ``triton_op`` that inductor traces into and launches from
+# its own code; an opaque custom op under the interpreter), so torch.compile keeps the graph whole.
+# Outputs and gradients take the layout of their inputs (see ``flash_kernels._empty_like``).
 
 
-@torch.library.custom_op("cs336_systems::flash_fwd", mutates_args=())
+def _like(t: torch.Tensor) -> torch.Tensor:
+    """What the kernels allocate for an input ``t``: ``empty_like`` of the 4-d view they see."""
+    return torch.empty_like(_as_4d(t)).view(t.shape)
+
+
+def _fwd_fake(q, k, v, is_causal):
+    return _like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+@kernel_op("cs336_systems::flash_fwd", _fwd_fake)
 def flash_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """O (contiguous, shape of q) and L (shape of q without d, fp32) from the Triton forward."""
+    """O (shape and layout of q) and L (shape of q without d, fp32) from the Triton forward."""
     from cs336_systems import flash_kernels
 
     o, lse = flash_kernels.flash_fwd(_as_4d(q), _as_4d(k), _as_4d(v), is_causal)
     return o.view(q.shape), lse.view(q.shape[:-1])
 
 
-@flash_fwd_op.register_fake
-def _(q, k, v, is_causal):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
+def _bwd_fake(q, k, v, o, lse, do, is_causal):
+    return _like(q), _like(k), _like(v)
 
 
-@torch.library.custom_op("cs336_systems::flash_bwd", mutates_args=())
+@kernel_op("cs336_systems::flash_bwd", _bwd_fake)
 def flash_bwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, do: torch.Tensor,
     is_causal: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dQ, dK, dV), contiguous, from the Triton backward; dO may be non-contiguous or stride-0."""
+    """(dQ, dK, dV), each in its input's layout, from the Triton backward; dO may be non-contiguous or stride-0."""
     from cs336_systems import flash_kernels
 
     dq, dk, dv = flash_kernels.flash_bwd(
         _as_4d(q), _as_4d(k), _as_4d(v), _as_4d(o), lse.view(-1, q.shape[-2]), _as_4d(do), is_causal
     )
     return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
-
-
-@flash_bwd_op.register_fake
-def _(q, k, v, o, lse, do, is_causal):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 class FlashAttentionTriton(torch.autograd.Function):

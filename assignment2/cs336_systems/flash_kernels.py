@@ -26,6 +26,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from cs336_basics.triton_support import launch
 
 LOG2E = 1.4426950408889634
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
@@ -84,6 +85,7 @@ def _fwd_kernel(
     HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    qk_scale = tl.cast(qk_scale, tl.float32)  # inductor (torch 2.11) passes Python floats as fp64
     off_zh = tl.program_id(0)
     pid_m = tl.program_id(1)
     if IS_CAUSAL:  # the last query tiles see the most keys: launch them first
@@ -208,6 +210,7 @@ def _bwd_dkdv(
     HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    qk_scale, sm_scale = tl.cast(qk_scale, tl.float32), tl.cast(sm_scale, tl.float32)  # fp64 from inductor (torch 2.11)
     off_zh = tl.program_id(0)
     start_n = tl.program_id(1) * BLOCK_N  # causal: the first key tiles are seen by the most queries
     off_z = (off_zh // H).to(tl.int64)
@@ -290,6 +293,7 @@ def _bwd_dq(
     HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    qk_scale, sm_scale = tl.cast(qk_scale, tl.float32), tl.cast(sm_scale, tl.float32)  # fp64 from inductor (torch 2.11)
     off_zh = tl.program_id(0)
     pid_m = tl.program_id(1)
     if IS_CAUSAL:
@@ -403,30 +407,30 @@ POISON_OUTPUTS = False
 
 
 def _launcher(name: str, kernel, configs: list[triton.Config]):
-    """Returns ``launch(grid_fn, *args, HEAD_DIM=..., IS_CAUSAL=..., dtype=...)`` for one kernel.
+    """Returns ``run(grid_fn, *args, HEAD_DIM=..., IS_CAUSAL=..., dtype=...)`` for one kernel.
 
     The autotuned wrapper is built lazily (never in the interpreter, whose launches cannot be timed).
     """
 
-    def launch(grid_fn, *args, HEAD_DIM: int, IS_CAUSAL: bool, dtype: torch.dtype):
+    def run(grid_fn, *args, HEAD_DIM: int, IS_CAUSAL: bool, dtype: torch.dtype):
         if _interpreting():
             bm, bn = INTERPRET_TILES[name]
             meta = {"BLOCK_M": bm, "BLOCK_N": bn}
-            kernel[grid_fn(meta)](*args, HEAD_DIM=HEAD_DIM, IS_CAUSAL=IS_CAUSAL, **meta)
+            launch(kernel)[grid_fn(meta)](*args, HEAD_DIM=HEAD_DIM, IS_CAUSAL=IS_CAUSAL, **meta)
         elif _autotune_enabled() and name not in FORCE_CONFIG:
             if name not in _tuned:
                 _tuned[name] = triton.autotune(configs, key=_KEY, prune_configs_by={"early_config_prune": _prune})(
                     kernel
                 )
-            _tuned[name][grid_fn](*args, HEAD_DIM=HEAD_DIM, IS_CAUSAL=IS_CAUSAL)
+            launch(_tuned[name])[grid_fn](*args, HEAD_DIM=HEAD_DIM, IS_CAUSAL=IS_CAUSAL)
         else:
             cfg = FORCE_CONFIG.get(name) or _candidates(configs, HEAD_DIM, dtype)[0]
-            kernel[grid_fn(cfg.kwargs)](
+            launch(kernel)[grid_fn(cfg.kwargs)](
                 *args, HEAD_DIM=HEAD_DIM, IS_CAUSAL=IS_CAUSAL, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                 **cfg.kwargs,
             )
 
-    return launch
+    return run
 
 
 _launch_fwd = _launcher("fwd", _fwd_kernel, FWD_CONFIGS)
@@ -465,11 +469,20 @@ def _empty(shape, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch
     return out.fill_(float("nan")) if POISON_OUTPUTS else out
 
 
+def _empty_like(t: torch.Tensor) -> torch.Tensor:
+    """Uninitialized, with ``t``'s layout when that is dense (a ``(B, H, T, D)`` view of a
+    ``(B, T, H, D)`` buffer gives another such view, so ``o.transpose(1, 2).flatten(-2)`` and the
+    projection gradients need no copy), else contiguous."""
+    out = torch.empty_like(t)
+    return out.fill_(float("nan")) if POISON_OUTPUTS else out
+
+
 def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """q (Z, H, N_Q, D), k, v (Z, H, N_K, D), last dim contiguous -> O like q, L (Z*H, N_Q) fp32."""
+    """q (Z, H, N_Q, D), k, v (Z, H, N_K, D), last dim contiguous -> O (shape and layout of q),
+    L (Z*H, N_Q) fp32."""
     Z, H, N_Q, D = q.shape
     N_K = k.shape[2]
-    o = _empty(q.shape, q)
+    o = _empty_like(q)
     L = _empty((Z * H, N_Q), q, torch.float32)
     sm_scale = 1.0 / math.sqrt(D)
     _launch_fwd(
@@ -482,17 +495,18 @@ def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool
 
 
 def flash_bwd(q, k, v, o, L, do, is_causal: bool):
-    """Gradients (dQ, dK, dV) of attention given O, L (Z*H, N_Q) and dO (any strides, last dim contiguous)."""
+    """Gradients (dQ, dK, dV), each in the layout of its input, of attention given O, L (Z*H, N_Q) and
+    dO (any strides, last dim contiguous)."""
     Z, H, N_Q, D = q.shape
     N_K = k.shape[2]
     sm_scale = 1.0 / math.sqrt(D)
     delta = _empty((Z * H, N_Q), q, torch.float32)
     lse2 = _empty((Z * H, N_Q), q, torch.float32)
     pre_m = 32 if _interpreting() else min(128, 4096 // D)
-    _bwd_preprocess[(Z * H, triton.cdiv(N_Q, pre_m))](
+    launch(_bwd_preprocess)[(Z * H, triton.cdiv(N_Q, pre_m))](
         o, do, L, delta, lse2, *_strides3(o), *_strides3(do), H, N_Q, HEAD_DIM=D, BLOCK_M=pre_m
     )
-    dq, dk, dv = _empty(q.shape, q), _empty(k.shape, k), _empty(v.shape, v)
+    dq, dk, dv = _empty_like(q), _empty_like(k), _empty_like(v)
     _launch_dkdv(
         lambda meta: (Z * H, triton.cdiv(N_K, meta["BLOCK_N"])),
         q, k, v, do, dk, dv, lse2, delta,
