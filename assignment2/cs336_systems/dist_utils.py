@@ -29,6 +29,25 @@ import torch.multiprocessing as mp
 
 DEFAULT_TIMEOUT_S = 300.0
 
+_AUTOGRAD_FORK_ERROR = "Unable to handle autograd's threading in combination with fork-based multiprocessing"
+
+
+def _start_autograd_engine_on_cpu() -> None:
+    """Run one tiny CPU backward so the autograd engine sizes its device-thread pool now.
+
+    The engine starts its pool once, at the first backward of the process. If that first backward
+    comes after ``torch.compile`` has run (even with ``backend="eager"``), the pool is started in a
+    fork-unsafe way and every ``fork``-started child that calls ``backward`` fails with
+    "Unable to handle autograd's threading ...". Started here, at import, on a CPU-only process
+    the pool stays empty and ``fork`` stays safe. (Measured with torch 2.11: compile, backward,
+    fork, backward fails; backward, compile, backward, fork, backward works.)
+    """
+    x = torch.zeros(1, requires_grad=True)
+    x.sum().backward()
+
+
+_start_autograd_engine_on_cpu()
+
 
 def find_free_port() -> int:
     """A TCP port that is free right now (bind to port 0 and let the OS choose)."""
@@ -156,7 +175,12 @@ def run_distributed(
                     raise RuntimeError(f"rank {dead[0]} died with exit code {procs[dead[0]].exitcode} without reporting") from None
                 continue
             if status == "error":
-                raise RuntimeError(f"rank {rank} failed:\n{value}")
+                hint = ""
+                if start_method == "fork" and _AUTOGRAD_FORK_ERROR in value:
+                    hint = ("\nThis process ran autograd in a fork-unsafe state before forking (e.g. its first "
+                            "backward came after torch.compile and before cs336_systems.dist_utils was "
+                            "imported): import cs336_systems.dist_utils earlier, or pass start_method='spawn'.")
+                raise RuntimeError(f"rank {rank} failed:\n{value}{hint}")
             out[rank] = value
     finally:
         for p in procs:
