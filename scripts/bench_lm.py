@@ -9,9 +9,11 @@ Variants ``{impl}-{mode}[-{optimizer}[-{loss}[-{ops}[-{attn}]]]]``:
   ``clip_grad_norm``; optimizer ``foreach`` (our ``AdamW(fused=False)``, multi-tensor
   ``torch._foreach_*``) or ``fused`` (our ``AdamW(fused=True)``, one Triton kernel per step); loss
   ``torchce`` (``cross_entropy_torch``, PyTorch ops; default) or ``tritonce`` (the Triton kernels of
-  ``fused_cross_entropy``, what ``cross_entropy`` runs on CUDA) or ``headce`` (``model(x, targets=y)``:
-  LM head and loss as one op, ``fused_cross_entropy.linear_cross_entropy``, ``model.FUSED_LM_HEAD``;
-  the logits are never kept); ops ``torchops`` (eager:
+  ``fused_cross_entropy``, called on the logits, outside the compiled model) or ``modelce``
+  (``model(x, targets=y)``: the same Triton loss inside the model, so inside its compiled graph; what
+  ``cs336-basics train`` runs in eager mode) or ``headce`` (``model(x, targets=y)`` with
+  ``model.FUSED_LM_HEAD``: LM head and loss as one op, ``fused_cross_entropy.linear_cross_entropy``;
+  what ``cs336-basics train --compile`` runs); ops ``torchops`` (eager:
   ``model.FUSED_KERNELS = False``, RMSNorm, RoPE and SwiGLU's gate in PyTorch ops; compiled:
   inductor fuses all of those; default) or ``tritonops`` (eager: their Triton kernels
   ``fused_rmsnorm``/``fused_rope``/``fused_swiglu``; compiled: the kernels of
@@ -68,7 +70,7 @@ def make_variant(name: str, cfg, device):
     impl, mode, *rest = name.split("-")
     opt_impl, loss_impl, ops_impl, attn = (rest + ["foreach", "torchce", "torchops", "sdpa"][len(rest):])[:4]
     assert impl in ("ours", "hf") and mode in ("eager", "compiled", "graphed"), name
-    assert opt_impl in ("foreach", "fused") and loss_impl in ("torchce", "tritonce", "headce"), name
+    assert opt_impl in ("foreach", "fused") and loss_impl in ("torchce", "tritonce", "modelce", "headce"), name
     assert impl == "ours" or loss_impl == "torchce", name
     assert ops_impl in ("torchops", "tritonops"), name
     assert attn in ("sdpa", "flash") and (impl == "ours" or attn == "sdpa"), name
@@ -76,13 +78,13 @@ def make_variant(name: str, cfg, device):
     # COMPILED_KERNELS replace inductor's fusion, and True keeps the fused LM head + loss of headce
     cs336_model.FUSED_KERNELS = ops_impl == "tritonops" or mode != "eager"
     cs336_model.COMPILED_KERNELS = {"fused_rope"} if ops_impl == "tritonops" else set()
-    cs336_model.FUSED_LM_HEAD = loss_impl == "headce"
+    cs336_model.FUSED_LM_HEAD = loss_impl == "headce"  # modelce: the head GEMM + Triton loss, also compiled
     torch.manual_seed(0)
     model = build_model(cfg.replace(model_impl="cs336" if impl == "ours" else "hf-llama", attn_backend=attn), device)
     kw = {"lr": 1e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
     if impl == "ours":
         opt = AdamW(model.parameters(), fused=opt_impl == "fused", **kw)
-        loss_fn = {"tritonce": triton_cross_entropy, "torchce": cross_entropy_torch, "headce": None}[loss_impl]
+        loss_fn = {"tritonce": triton_cross_entropy, "torchce": cross_entropy_torch}.get(loss_impl)  # None: in the model
         clip_fn = clip_grad_norm
     else:
         opt = torch.optim.AdamW(model.parameters(), fused=True, **kw)

@@ -7,7 +7,7 @@ GPU, as ``bench_lm.py`` times it) it reports the time from the host's step start
 kernel's end, the kernel time (union of kernel intervals), and the idle time split into: before
 the first kernel, gaps under 5 us (launch-to-launch spacing of back-to-back kernels) and longer
 gaps, each longer gap charged to the phase whose range launched the kernel after it. The longest
-gaps are listed with the kernels on either side.
+gaps are listed with the kernels on either side, and the kernels by phase and time.
 
     python scripts/bench_lm.py ...   # first: the variant names
     python scripts/lm_step_gaps.py --variants hf-compiled ours-compiled-fused-tritonce --out gaps.json
@@ -88,6 +88,11 @@ def gap_report(trace: dict, n_steps: int) -> dict:
             continue
         busy, short, long_gaps, end = 0.0, 0.0, defaultdict(float), ks[0]["ts"]
         gaps = []
+        by_kernel: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0])  # (phase, name) -> [us, calls]
+        for k in ks:
+            entry = by_kernel[(phase_of(k), k["name"][:80])]
+            entry[0] += k["dur"]
+            entry[1] += 1
         for prev, k in zip([None, *ks[:-1]], ks):
             start, stop = k["ts"], k["ts"] + k["dur"]
             if prev is not None and start > end:
@@ -104,6 +109,10 @@ def gap_report(trace: dict, n_steps: int) -> dict:
             "before_first_kernel_ms": (ks[0]["ts"] - t0) / 1e3, "short_gaps_ms": short / 1e3,
             "long_gaps_ms_by_phase": {p: round(v / 1e3, 3) for p, v in sorted(long_gaps.items(), key=lambda kv: -kv[1])},
             "kernels": len(ks),
+            "kernel_ms_by_phase": {ph: round(sum(v[0] for (p2, _), v in by_kernel.items() if p2 == ph) / 1e3, 3)
+                                   for ph in (*PHASES, "other")},
+            "top_kernels": [{"phase": ph, "name": nm, "us": round(v[0], 1), "calls": v[1]}
+                            for (ph, nm), v in sorted(by_kernel.items(), key=lambda kv: -kv[1][0])[:40]],
             "longest_gaps": [{"us": round(g, 1), "after": a, "before": b, "phase": p}
                              for g, a, b, p in sorted(gaps, reverse=True)[:8]],
         })
@@ -142,7 +151,8 @@ def main() -> None:
                 results[name] = gap_report(json.load(f), args.steps)
         last = results[name]["steps"][-1] if results[name]["steps"] else {}
         print(json.dumps({"variant": name, **{k: (round(v, 3) if isinstance(v, float) else v)
-                                              for k, v in last.items() if k != "longest_gaps"}}), flush=True)
+                                              for k, v in last.items() if k not in ("longest_gaps", "top_kernels")}}),
+              flush=True)
         for g in last.get("longest_gaps", []):
             print("   ", json.dumps(g), flush=True)
         del step

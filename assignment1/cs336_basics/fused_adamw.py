@@ -73,10 +73,23 @@ def supports(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg
     """Whether this kernel can update ``p`` (on a device where it runs, see ``triton_support``):
     dense contiguous 16-byte aligned tensors of a supported float dtype on one device, the states of
     one dtype."""
-    tensors = (p, grad, exp_avg, exp_avg_sq)
+    return supports_states(p, exp_avg, exp_avg_sq) and grad.device == p.device and supports_grad(grad)
+
+
+def supports_states(p: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> bool:
+    """`supports` for the parts that do not change between steps (the optimizer caches it)."""
     return exp_avg.dtype == exp_avg_sq.dtype and all(
-        t.dtype in _TL_DTYPES and t.layout == torch.strided and t.is_contiguous() and t.device == p.device
-        and t.data_ptr() % 16 == 0 for t in tensors)
+        _dense_aligned(t) and t.device == p.device for t in (p, exp_avg, exp_avg_sq))
+
+
+def supports_grad(grad: torch.Tensor) -> bool:
+    """`supports` for the gradient (a new tensor every step after ``zero_grad(set_to_none=True)``;
+    autograd keeps it on its parameter's device)."""
+    return _dense_aligned(grad)
+
+
+def _dense_aligned(t: torch.Tensor) -> bool:
+    return t.dtype in _TL_DTYPES and t.layout == torch.strided and t.is_contiguous() and t.data_ptr() % 16 == 0
 
 
 @functools.lru_cache(maxsize=32)
@@ -100,16 +113,22 @@ def adamw_step_(
 
     Every tensor must pass `supports`, all on one device with the same dtypes per role.
     """
-    params_grads = [(p, g, m, v) for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs) if p.numel()]
-    if not params_grads:
+    numels = tuple(p.numel() for p in params)
+    if 0 in numels:  # empty tensors have nothing to update (and would give zero-block rows)
+        keep = [i for i, n in enumerate(numels) if n]
+        params, grads, exp_avgs, exp_avg_sqs = ([ts[i] for i in keep] for ts in (params, grads, exp_avgs, exp_avg_sqs))
+        numels = tuple(numels[i] for i in keep)
+    if not params:
         return
-    p0, g0, m0, _ = params_grads[0]
+    p0, g0, m0 = params[0], grads[0], exp_avgs[0]
     device = p0.device
-    n = len(params_grads)
-    addresses = [t.data_ptr() for role in range(4) for t in (row[role] for row in params_grads)]
-    numels = tuple(row[0].numel() for row in params_grads)
+    n = len(params)
+    # flat comprehensions: this runs every step on the host, while the GPU may be waiting for it
+    table_values = [t.data_ptr() for t in params] + [t.data_ptr() for t in grads]
+    table_values += [t.data_ptr() for t in exp_avgs] + [t.data_ptr() for t in exp_avg_sqs]
+    table_values += numels
     # pinned + non_blocking: the copy is queued on the stream instead of waiting for the backward
-    table = torch.tensor(addresses + list(numels), dtype=torch.int64, pin_memory=device.type == "cuda")
+    table = torch.tensor(table_values, dtype=torch.int64, pin_memory=device.type == "cuda")
     table = table.to(device, non_blocking=True)
     blocks = _block_table(numels, device)
     n_blocks = blocks.shape[1]

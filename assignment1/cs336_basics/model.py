@@ -45,10 +45,12 @@ FUSED_KERNELS = True  # False: the PyTorch ops on every device (read at each cal
 # the PyTorch ops under torch.compile; empty: inductor fuses everything (to measure one against the other)
 COMPILED_KERNELS: set[str] = {"fused_rope"}
 # ``forward(ids, targets=y)`` on CUDA: True runs the LM head and the loss as one op
-# (``fused_cross_entropy.linear_cross_entropy``: no (N, V) gradient buffer, 0.65 GB less peak memory
-# for tinystories-17m at batch 128) instead of the head GEMM + the two-kernel Triton loss. Off by
-# default: on the H200 it measured slower (compiled step 11.43 vs 11.16 ms, eager 27.8 vs 26.7 ms).
-FUSED_LM_HEAD = False
+# (``fused_cross_entropy.linear_cross_entropy``; the logits are freed inside it), False the head GEMM
+# + the two-kernel Triton loss, None (default) the first under ``torch.compile`` and the second in
+# eager mode, as measured on the H200 (docs/benchmarks.md): compiled, the fused op gave 11.23 ms per
+# tinystories-17m step against 11.80 for the loss inside the graph (inductor copies the (N, V)
+# logits twice around a separate loss op) and 11.96 for the loss outside it; eager it was slower.
+FUSED_LM_HEAD: bool | None = None
 
 
 def triton_kernels(name: str, x: Tensor) -> ModuleType | None:
@@ -404,8 +406,8 @@ class TransformerLM(nn.Module):
 
     def forward(self, token_ids: Tensor, kv_cache: KVCache | None = None, targets: Tensor | None = None) -> Tensor:
         """Logits ``(B, T, V)`` of ``token_ids`` ``(B, T)``; with ``targets`` ``(B, T)`` instead the mean
-        cross-entropy (fp32 scalar): on CUDA the Triton loss of ``nn_utils.cross_entropy``, or with
-        `FUSED_LM_HEAD` the LM head and loss as one op (the logits are never kept)."""
+        cross-entropy (fp32 scalar): on CUDA the Triton loss of ``nn_utils.cross_entropy``, or the LM
+        head and loss as one op (the logits are never kept), see `FUSED_LM_HEAD`."""
         t = token_ids.shape[-1]
         past = kv_cache.length if kv_cache is not None else 0
         if past + t > self.context_length:
@@ -421,7 +423,8 @@ class TransformerLM(nn.Module):
         h = self.ln_final(x)  # (B, T, C)
         if targets is None:
             return self.lm_head(h)  # (B, T, V)
-        if FUSED_KERNELS and FUSED_LM_HEAD and runs_on(h.device) and (fused := fused_lm_loss()) is not None:
+        fused_head = torch.compiler.is_compiling() if FUSED_LM_HEAD is None else FUSED_LM_HEAD
+        if FUSED_KERNELS and fused_head and runs_on(h.device) and (fused := fused_lm_loss()) is not None:
             return fused(h, self.lm_head.weight, targets)
         from cs336_basics.nn_utils import cross_entropy  # here: nn_utils imports this module
 

@@ -46,10 +46,23 @@ class AdamW(torch.optim.Optimizer):
             raise ValueError("fused=True needs Triton (pip install triton); use fused=None or False")
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
         self.fused = fused  # not a group entry: state dicts stay as they were
+        # per parameter: (storage addresses of p, m, v) -> (fused kernel takes them?, bucket key part)
+        self._static: dict[torch.Tensor, tuple[tuple[int, int, int], bool, tuple]] = {}
 
-    def _use_fused(self, p: torch.Tensor, state: dict) -> bool:
-        kernels = kernels_for(p.device, "fused_adamw") if self.fused is not False else None
-        return kernels is not None and kernels.supports(p, p.grad, state["exp_avg"], state["exp_avg_sq"])
+    def _bucket_key(self, p: torch.Tensor, state: dict) -> tuple:
+        """(fused?, device, dtypes, step): tensors with one key are updated together. The checks on
+        p and its states are cached while their storage stays (the step's host time is on the
+        critical path of a fast GPU: ~5 us of tensor-property checks per parameter add up)."""
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        addresses = (p.data_ptr(), m.data_ptr(), v.data_ptr())
+        cached = self._static.get(p)
+        if cached is None or cached[0] != addresses:
+            kernels = kernels_for(p.device, "fused_adamw") if self.fused is not False else None
+            ok = kernels is not None and kernels.supports_states(p, m, v)
+            cached = self._static[p] = (addresses, ok, (p.device, p.dtype, m.dtype))
+        _, ok, static_key = cached
+        fused = ok and import_kernels("fused_adamw").supports_grad(p.grad)
+        return (fused, *static_key, p.grad.dtype, state["step"])
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -69,8 +82,7 @@ class AdamW(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
-                key = (self._use_fused(p, state), p.device, p.dtype, p.grad.dtype, state["exp_avg"].dtype,
-                       state["step"])
+                key = self._bucket_key(p, state)
                 for lst, t in zip(buckets.setdefault(key, ([], [], [], [])),
                                   (p, p.grad, state["exp_avg"], state["exp_avg_sq"])):
                     lst.append(t)
