@@ -424,6 +424,7 @@ class TransformerLM(nn.Module):
         if targets is None:
             return self.lm_head(h)  # (B, T, V)
         fused_head = torch.compiler.is_compiling() if FUSED_LM_HEAD is None else FUSED_LM_HEAD
+        fused_head = fused_head and torch.is_grad_enabled()  # its forward also writes the (N, V) gradient
         if FUSED_KERNELS and fused_head and runs_on(h.device) and (fused := fused_lm_loss()) is not None:
             return fused(h, self.lm_head.weight, targets)
         from cs336_basics.nn_utils import cross_entropy  # here: nn_utils imports this module

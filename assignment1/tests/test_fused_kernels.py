@@ -342,6 +342,22 @@ def check_lm_loss_fused_equals_unfused(device, autocast_dtype=None, rel_tol=1e-5
     assert max(errors.values()) < 10 * rel_tol, errors
 
 
+def test_interp_lm_loss_without_grad_skips_the_fused_head(monkeypatch):
+    # under no_grad (evaluation) the fused head would write an (N, V) gradient nobody reads
+    cfg, batch, t = lm_shape()
+    lm = M.TransformerLM(**cfg)
+    ids, y = (torch.randint(0, cfg["vocab_size"], (batch, t)) for _ in range(2))
+    fused = M.fused_lm_loss()
+    calls = []
+    monkeypatch.setattr(M, "fused_lm_loss", lambda: calls.append(1) or fused)
+    monkeypatch.setattr(M, "FUSED_LM_HEAD", True)
+    with torch.no_grad():
+        loss = lm(ids, targets=y)
+    assert not calls
+    assert "linear_cross_entropy" in type(lm(ids, targets=y).grad_fn).__name__ and calls
+    torch.testing.assert_close(loss, F.cross_entropy(lm(ids).flatten(0, 1), y.flatten()), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("fused_head", [None, True])  # None (default): eager runs the head + Triton loss
 def test_interp_lm_loss_fused_equals_unfused(fused_head):
     check_lm_loss_fused_equals_unfused("cpu", fused_head=fused_head)
