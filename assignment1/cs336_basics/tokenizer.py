@@ -30,7 +30,6 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from functools import lru_cache
 from itertools import pairwise, repeat
-from operator import itemgetter
 from pathlib import Path
 
 import numpy as np
