@@ -29,7 +29,9 @@ Variants ``{impl}-{mode}[-{optimizer}[-{loss}[-{ops}[-{attn}]]]]``:
   forward and backward; not yet measured), e.g. ``--variants hf-graphed ours-graphed-fused-tritonce``.
 
 Each variant: warm-up steps (compilation included) excluded, then ``--steps`` timed steps, each
-timed with ``torch.cuda.synchronize()``; median reported. Then ``--profile-steps`` steps under
+timed with ``torch.cuda.synchronize()``; median reported. ``--rounds R`` adds R-1 interleaved passes
+over the variants (A B C A B C ...), so that a machine whose speed drifts during the run (the eager
+steps are host-bound) affects all variants alike. Then ``--profile-steps`` steps under
 ``torch.profiler``: GPU kernel time per step (the rest of the step is the GPU waiting for the
 host) and the top kernels. MFU = tokens/s × FLOPs/token / 989e12 (H100 SXM dense bf16),
 FLOPs/token = 6·N + 12·L·C·T (N = matmul parameters, LM head included, input embedding excluded;
@@ -114,6 +116,19 @@ def profile_steps(step_fn, steps: int, top: int = 25) -> dict:
                              "calls_per_step": e.count // steps} for e in kernels[:top]]}
 
 
+def summarize(row: dict, times: list[float], peak: float | None) -> None:
+    """Set the time-derived fields of ``row`` from the step times (seconds) measured so far."""
+    step_s = statistics.median(times)
+    tok_s = row["_tokens"] / step_s
+    row.update({
+        "step_ms": round(1e3 * step_s, 2), "tok_s": round(tok_s),
+        "mfu": round(tok_s * row["_fpt"] / peak, 4) if peak else None,
+        "course_budget_min": round(COURSE_TOKENS / tok_s / 60, 1),
+        "step_ms_min": round(1e3 * min(times), 2), "step_ms_max": round(1e3 * max(times), 2),
+        "timed_steps": len(times), "_times": times,
+    })
+
+
 def bench_variant(name, cfg, device, batch_size, warmup, steps, prof_steps) -> dict:
     model, opt, loss_fn, clip_fn = make_variant(name, cfg, device)
     g = torch.Generator(device).manual_seed(0)
@@ -130,34 +145,34 @@ def bench_variant(name, cfg, device, batch_size, warmup, steps, prof_steps) -> d
         opt.zero_grad(set_to_none=True)
         return loss
 
+    def timed(n: int) -> tuple[list[float], torch.Tensor]:
+        """Seconds of each of ``n`` steps, each started and ended with a synchronize; the last loss."""
+        out = []
+        for _ in range(n):
+            torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            loss = step()
+            torch.cuda.synchronize(device)
+            out.append(time.perf_counter() - t0)
+        return out, loss
+
     torch.cuda.reset_peak_memory_stats(device)
-    times, losses = [], []
+    losses = []
     t_first = time.perf_counter()
-    for i in range(warmup + steps):
-        torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        loss = step()
-        torch.cuda.synchronize(device)
-        if i == warmup - 1:
-            warm_s = time.perf_counter() - t_first
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-        losses.append(loss.item())
-    step_s = statistics.median(times)
-    tokens = batch_size * cfg.context_length
+    for _ in range(warmup):
+        losses.append(step().item())
+    warm_s = time.perf_counter() - t_first
+    times, last_loss = timed(steps)
+    losses.append(last_loss.item())  # after warm-up + steps
     raw = getattr(model, "_orig_mod", model)
-    fpt = flops_per_token(cfg, raw)
-    peak = peak_flops(device, "bf16")
-    tok_s = tokens / step_s
     row = {
-        "variant": name, "step_ms": round(1e3 * step_s, 2), "tok_s": round(tok_s),
-        "mfu": round(tok_s * fpt / peak, 4) if peak else None,
-        "peak_mem_gb": round(torch.cuda.max_memory_allocated(device) / 1e9, 2),
-        "warmup_s": round(warm_s, 1), "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4),
-        "course_budget_min": round(COURSE_TOKENS / tok_s / 60, 1),
-        "step_ms_min": round(1e3 * min(times), 2), "step_ms_max": round(1e3 * max(times), 2),
+        "variant": name, "warmup_s": round(warm_s, 1), "loss_first": round(losses[0], 4),
+        "loss_last": round(losses[-1], 4), "peak_mem_gb": round(torch.cuda.max_memory_allocated(device) / 1e9, 2),
+        "_fpt": flops_per_token(cfg, raw), "_tokens": batch_size * cfg.context_length,
     }
-    print(json.dumps(row), flush=True)
+    summarize(row, times, peak_flops(device, "bf16"))
+    row["_timed"] = timed  # more rounds (--rounds), removed before the JSON is written
+    print(json.dumps(public(row)), flush=True)
     if prof_steps:
         try:
             row["profile"] = profile_steps(step, prof_steps)
@@ -200,6 +215,10 @@ def bench_optimizer(shapes: list[tuple[int, ...]], label: str, device, iters: in
     return rows
 
 
+def public(row: dict) -> dict:
+    return {k: v for k, v in row.items() if not k.startswith("_")}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--variants", nargs="+", help=f"default: {' '.join(DEFAULT_VARIANTS)}")
@@ -208,6 +227,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="R > 1: after the first pass over the variants, R-1 more passes of --steps timed steps "
+                         "each, variants interleaved (A B A B ...), so that drift of the machine over the run "
+                         "hits all variants alike; the median is over all timed steps (the variants stay in memory)")
     ap.add_argument("--profile-steps", type=int, default=3, help="0: no profile")
     ap.add_argument("--opt-bench", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--out", default="")
@@ -232,8 +255,18 @@ def main() -> None:
         except Exception as e:  # noqa: BLE001 (one broken variant must not lose the others)
             rows.append({"variant": v, "error": repr(e)})
             print(json.dumps(rows[-1]), flush=True)
-        gc.collect()
-        torch.cuda.empty_cache()
+        if args.rounds == 1:
+            rows[-1].pop("_timed", None)
+            gc.collect()
+            torch.cuda.empty_cache()
+    peak = peak_flops(device, "bf16")
+    for r in range(1, args.rounds):
+        for row in rows:
+            if "_timed" in row:
+                summarize(row, row["_times"] + row["_timed"](args.steps)[0], peak)
+                print(json.dumps({"round": r + 1, **{k: row[k] for k in ("variant", "step_ms", "step_ms_min")}}),
+                      flush=True)
+    rows = [public(r) for r in rows]
     by = {r["variant"]: r for r in rows if "error" not in r}
     ratios = {f"{a}/{b}": round(by[a]["tok_s"] / by[b]["tok_s"], 3)
               for a in by if a.startswith("ours") for b in by if b.startswith("hf")}
