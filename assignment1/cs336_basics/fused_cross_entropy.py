@@ -1,4 +1,5 @@
-"""Cross-entropy over a large vocabulary as two Triton kernels behind one differentiable operator.
+"""Cross-entropy over a large vocabulary as two Triton kernels (an operator under torch.compile, an
+autograd Function in eager mode).
 
 For the LM loss the (N, V) logits (N = batch × context, V = vocab; 32,768 × 10,000 for the
 ``tinystories-17m`` preset) dominate memory traffic. In plain PyTorch ops the fp32 loss reads and
@@ -15,10 +16,11 @@ checked on the device (the training loop checks its data's token ids once).
 ``linear_cross_entropy(h, weight, targets)`` also takes in the LM head (``logits = h Wᵀ``). Its
 forward computes each row's loss and ``G = softmax - onehot`` (unscaled) in one kernel; the
 backward folds ``dL/dloss / N`` into the two head GEMMs' outputs (``dh = s·G W``, ``dW = s·Gᵀ h``,
-small tensors) instead of a pass over the (N, V) gradient, and the logits are freed at once. It is an operator (``triton_support.kernel_op``), so ``torch.compile`` keeps it whole and
-launches the kernel from its own code. (A one-read variant that
-held whole rows in registers, 16 warps per row, measured 1.01 ms on the H200 at 32,768 × 10,000
-against 0.61 ms for the two kernels above, and was dropped.)
+small tensors) instead of a pass over the (N, V) gradient, and the logits are freed at once. It is
+an operator (``triton_support.kernel_op``), so ``torch.compile`` keeps it whole and launches the
+kernel from its own code (``model.FUSED_LM_HEAD`` says when the model uses it). A one-read variant
+that held whole rows in registers, 16 warps per row, measured 1.01 ms on the H200 at 32,768 × 10,000
+against 0.61 ms for the two kernels above, and was dropped.
 """
 
 from __future__ import annotations
