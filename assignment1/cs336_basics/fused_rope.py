@@ -106,8 +106,7 @@ def _rope_setup(ctx, inputs, output):
 
 def _rope_backward(ctx, grad_out):
     pos, cos, sin = ctx.saved_tensors
-    # the inverse rotation is the transpose; the gradient takes grad_out's layout, which for the
-    # model (attention gradients in their inputs' layout) is x's: no copy before the projection
+    # the inverse rotation is the transpose; under torch.compile inductor chooses the layouts
     return _rope_op(grad_out, pos, cos, sin, -ctx.sign), None, None, None, None
 
 
@@ -118,12 +117,18 @@ class _RoPE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, pos: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         ctx.save_for_backward(pos, cos, sin)
+        # the gradient's layout: x's own (dense) strides, whatever layout grad_out arrives in (SDPA's
+        # backward returns its own), so it reaches the projection without a copy; "meta": no memory
+        ctx.grad_strides = torch.empty_like(_unit_last_stride(_as_4d(x)), device="meta").stride()
         return _rotated(x, pos, cos, sin, 1.0)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         pos, cos, sin = ctx.saved_tensors
-        return _rotated(grad_out, pos, cos, sin, -1.0), None, None, None
+        g4 = _unit_last_stride(_as_4d(grad_out))
+        grad_x = torch.empty_strided(g4.shape, ctx.grad_strides, dtype=g4.dtype, device=g4.device)
+        _rotate(g4, grad_x, pos, cos, sin, -1.0)  # the inverse rotation is the transpose
+        return grad_x.reshape(grad_out.shape), None, None, None
 
 
 def rope(x: Tensor, token_positions: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

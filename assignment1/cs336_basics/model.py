@@ -14,8 +14,8 @@ RMSNorm, RoPE and SwiGLU's ``silu(a) · b`` run as Triton kernels, forward and b
 eager mode (``fused_rmsnorm.py``, ``fused_rope.py``, ``fused_swiglu.py``: one pass over memory
 where the PyTorch ops below take several); under ``torch.compile`` inductor fuses the PyTorch ops
 itself, except for the kernels in ``COMPILED_KERNELS`` (RoPE, an operator that keeps q/k in the
-projections' layout). The PyTorch ops stay the reference and run everywhere else; ``model.FUSED_KERNELS = False``
-runs them on CUDA too (to measure before/after in one process).
+projections' layout). The PyTorch ops stay the reference and run everywhere else;
+``model.FUSED_KERNELS = False`` runs them on CUDA too (to measure before/after in one process).
 
 Shapes: B batch, T sequence, H heads, D head dim, C d_model, F d_ff, V vocab.
 

@@ -46,13 +46,14 @@ class AdamW(torch.optim.Optimizer):
             raise ValueError("fused=True needs Triton (pip install triton); use fused=None or False")
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
         self.fused = fused  # not a group entry: state dicts stay as they were
-        # per parameter: (storage addresses of p, m, v) -> (fused kernel takes them?, bucket key part)
+        # per parameter: (storage addresses of p, m, v when checked, fused kernel takes them?, key part)
         self._static: dict[torch.Tensor, tuple[tuple[int, int, int], bool, tuple]] = {}
 
     def _bucket_key(self, p: torch.Tensor, state: dict) -> tuple:
         """(fused?, device, dtypes, step): tensors with one key are updated together. The checks on
-        p and its states are cached while their storage stays (the step's host time is on the
-        critical path of a fast GPU: ~5 us of tensor-property checks per parameter add up)."""
+        p and its states are cached while their storage stays: the step's host time can be on the
+        critical path of a fast GPU (for the 39 tensors of tinystories-17m the checks took 104 of
+        the 207 us per step on CPU; 148 us with the cache)."""
         m, v = state["exp_avg"], state["exp_avg_sq"]
         addresses = (p.data_ptr(), m.data_ptr(), v.data_ptr())
         cached = self._static.get(p)

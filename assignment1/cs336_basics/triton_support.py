@@ -94,6 +94,7 @@ def kernel_op(name: str, fake: Callable[..., Any]) -> Callable[[Callable[..., An
 
 def launch(kernel):
     """``kernel`` (a ``@triton.jit`` function or ``triton.autotune`` wrapper) ready to be indexed by a
-    grid and called, inside a `kernel_op` body: wrapped with ``torch.library.wrap_triton`` so the
-    launch can be traced, except under the interpreter."""
+    grid and called, in code that a `kernel_op` body runs: wrapped with ``torch.library.wrap_triton``
+    so the launch can be traced, except under the interpreter. Called outside any tracing (eager
+    code calling the body directly) the wrapper just launches the kernel."""
     return kernel if interpreting() else torch.library.wrap_triton(kernel)

@@ -145,8 +145,11 @@ def check_rope(batch, heads, t, d, dtype, device, per_batch_positions=False):
         positions = torch.randint(0, max_len, (batch, 1, t), generator=g)
     else:
         positions = torch.randperm(max_len, generator=g)[:t]
-    dy = torch.randn(batch, heads, t, d, generator=g).to(device, dtype)
-    y = rope(x, positions.to(device))
+    dy = torch.randn(batch, heads, t, d, generator=g).to(device, dtype)  # contiguous: not x's layout
+    x_view = x.view_as(x)  # not a leaf: its gradient keeps the layout rope's backward gives it
+    into_x = []
+    x_view.register_hook(into_x.append)
+    y = rope(x_view, positions.to(device))
     assert ROPE_NODE in backward_names(y), "the Triton path did not run"
     y.backward(dy)
     x64 = leaf(x.detach().cpu().double())
@@ -154,7 +157,7 @@ def check_rope(batch, heads, t, d, dtype, device, per_batch_positions=False):
     y64.backward(dy.cpu().double())
     # output and gradient in the transposed view's layout (no copy on the way to attention or back
     # to the projection); size-1 dims have any stride
-    for out in (y, x.grad):
+    for out in (y, into_x[0]):
         assert all(ts == xs for ts, xs, n in zip(out.stride(), x.stride(), x.shape) if n > 1)
     assert_close(y.cpu(), y64, dtype)
     assert_close(x.grad.cpu(), x64.grad, dtype)
