@@ -120,9 +120,8 @@ def git_sha() -> str:
 
 
 @torch.no_grad()
-@torch.no_grad()
 def evaluate(model, val_data, cfg: TrainConfig, device, autocast) -> float:
-    """Mean loss over the fixed validation set (the same windows every time); no autograd graph."""
+    """Mean loss over the fixed validation set (the same windows every time)."""
     model.eval()
     total, n = 0.0, 0
     for x, y in eval_batches(val_data, cfg.batch_size // cfg.grad_accum_steps, cfg.context_length,
