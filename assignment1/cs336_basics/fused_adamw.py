@@ -38,7 +38,7 @@ def _adamw_kernel(
     t = tl.load(blocks_ptr + pid)
     start = tl.multiple_of(tl.load(blocks_ptr + n_blocks + pid), BLOCK)
     numel = tl.load(table_ptr + 4 * n_tensors + t)
-    # the host sends only 16-byte aligned tensors (see `supports`): 128-bit loads and stores
+    # the host sends only 16-byte aligned tensors (see `supports_states`, `supports_grad`): 128-bit loads and stores
     p_ptr = tl.multiple_of(tl.load(table_ptr + t).to(tl.pointer_type(P_DTYPE)), 16)
     g_ptr = tl.multiple_of(tl.load(table_ptr + n_tensors + t).to(tl.pointer_type(G_DTYPE)), 16)
     m_ptr = tl.multiple_of(tl.load(table_ptr + 2 * n_tensors + t).to(tl.pointer_type(S_DTYPE)), 16)
@@ -69,21 +69,17 @@ def _adamw_update(p_ptrs, g_ptrs, m_ptrs, v_ptrs, mask, other, decay, beta1, bet
     tl.store(v_ptrs, v.to(v_ptrs.dtype.element_ty), mask=mask)
 
 
-def supports(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> bool:
-    """Whether this kernel can update ``p`` (on a device where it runs, see ``triton_support``):
-    dense contiguous 16-byte aligned tensors of a supported float dtype on one device, the states of
-    one dtype."""
-    return supports_states(p, exp_avg, exp_avg_sq) and grad.device == p.device and supports_grad(grad)
-
-
 def supports_states(p: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> bool:
-    """`supports` for the parts that do not change between steps (the optimizer caches it)."""
+    """Whether this kernel can update ``p`` with these states (on a device where it runs, see
+    ``triton_support``): dense contiguous 16-byte aligned tensors of a supported float dtype on one
+    device, the states of one dtype. Constant between steps, so the optimizer caches it; the
+    gradient is checked by `supports_grad`."""
     return exp_avg.dtype == exp_avg_sq.dtype and all(
         _dense_aligned(t) and t.device == p.device for t in (p, exp_avg, exp_avg_sq))
 
 
 def supports_grad(grad: torch.Tensor) -> bool:
-    """`supports` for the gradient (a new tensor every step after ``zero_grad(set_to_none=True)``;
+    """`supports_states` for the gradient (a new tensor every step after ``zero_grad(set_to_none=True)``;
     autograd keeps it on its parameter's device)."""
     return _dense_aligned(grad)
 
@@ -111,24 +107,19 @@ def adamw_step_(
 ) -> None:
     """Update ``params``, ``exp_avgs``, ``exp_avg_sqs`` in place (one launch), all at step ``step``.
 
-    Every tensor must pass `supports`, all on one device with the same dtypes per role.
+    Every tensor must pass `supports_states` / `supports_grad`, all on one device with the same
+    dtypes per role.
     """
-    numels = tuple(p.numel() for p in params)
-    if 0 in numels:  # empty tensors have nothing to update (and would give zero-block rows)
-        keep = [i for i, n in enumerate(numels) if n]
-        params, grads, exp_avgs, exp_avg_sqs = ([ts[i] for i in keep] for ts in (params, grads, exp_avgs, exp_avg_sqs))
-        numels = tuple(numels[i] for i in keep)
-    if not params:
+    params_grads = [(p, g, m, v) for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs) if p.numel()]
+    if not params_grads:
         return
-    p0, g0, m0 = params[0], grads[0], exp_avgs[0]
+    p0, g0, m0, _ = params_grads[0]
     device = p0.device
-    n = len(params)
-    # flat comprehensions: this runs every step on the host, while the GPU may be waiting for it
-    table_values = [t.data_ptr() for t in params] + [t.data_ptr() for t in grads]
-    table_values += [t.data_ptr() for t in exp_avgs] + [t.data_ptr() for t in exp_avg_sqs]
-    table_values += numels
+    n = len(params_grads)
+    addresses = [t.data_ptr() for role in range(4) for t in (row[role] for row in params_grads)]
+    numels = tuple(row[0].numel() for row in params_grads)
     # pinned + non_blocking: the copy is queued on the stream instead of waiting for the backward
-    table = torch.tensor(table_values, dtype=torch.int64, pin_memory=device.type == "cuda")
+    table = torch.tensor(addresses + list(numels), dtype=torch.int64, pin_memory=device.type == "cuda")
     table = table.to(device, non_blocking=True)
     blocks = _block_table(numels, device)
     n_blocks = blocks.shape[1]
