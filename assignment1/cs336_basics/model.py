@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cs336_basics.triton_support import kernels_for, runs_on
+from cs336_basics.triton_support import kernels_for, runs_on, traceable_kernels
 
 AttnFn = Callable[[Tensor, Tensor, Tensor, bool], Tensor]
 
@@ -61,32 +61,17 @@ def triton_kernels(name: str, x: Tensor) -> ModuleType | None:
     if not FUSED_KERNELS:
         return None
     if torch.compiler.is_compiling():
-        kernels = _traceable_kernels(name) if name in COMPILED_KERNELS and runs_on(x.device) else None
+        kernels = traceable_kernels(name) if name in COMPILED_KERNELS and runs_on(x.device) else None
     else:
         kernels = kernels_for(x.device, name)
     return kernels if kernels is not None and x.dtype in kernels.SUPPORTED_DTYPES else None
 
 
-def _traceable_kernels(name: str) -> ModuleType | None:
-    """`COMPILED_KERNELS` by plain import statements, which dynamo traces (importlib calls break the graph)."""
-    try:
-        if name == "fused_rope":
-            from cs336_basics import fused_rope
-
-            return fused_rope
-    except ImportError:
-        pass
-    return None
-
-
 def fused_lm_loss() -> Callable[[Tensor, Tensor, Tensor], Tensor] | None:
-    """``fused_cross_entropy.linear_cross_entropy`` (LM head + loss), or None without Triton. A plain
-    import statement, not `kernels_for`: ``torch.compile`` traces it (importlib calls break the graph)."""
-    try:
-        from cs336_basics.fused_cross_entropy import linear_cross_entropy
-    except ImportError:
-        return None
-    return linear_cross_entropy
+    """``fused_cross_entropy.linear_cross_entropy`` (LM head + loss), or None without Triton; by
+    `traceable_kernels`, so ``torch.compile`` traces the lookup."""
+    kernels = traceable_kernels("fused_cross_entropy")
+    return None if kernels is None else kernels.linear_cross_entropy
 
 
 # ----------------------------------------------------------------------------- leaf ops

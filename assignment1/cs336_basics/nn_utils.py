@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from cs336_basics.model import softmax
-from cs336_basics.triton_support import kernels_for, runs_on
+from cs336_basics.triton_support import kernels_for, runs_on, traceable_kernels
 
 __all__ = ["clip_grad_norm", "cross_entropy", "cross_entropy_torch", "softmax"]
 
@@ -24,21 +24,12 @@ def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     if not runs_on(logits.device):
         kernels = None
     elif torch.compiler.is_compiling():
-        kernels = _traceable_kernels()
+        kernels = traceable_kernels("fused_cross_entropy")
     else:
         kernels = kernels_for(logits.device, "fused_cross_entropy")
     if kernels is not None and logits.dtype in kernels.SUPPORTED_DTYPES:
         return kernels.cross_entropy(logits, targets)
     return cross_entropy_torch(logits, targets)
-
-
-def _traceable_kernels():
-    """``fused_cross_entropy`` by a plain import, which dynamo traces (importlib calls break the graph)."""
-    try:
-        from cs336_basics import fused_cross_entropy
-    except ImportError:
-        return None
-    return fused_cross_entropy
 
 
 def cross_entropy_torch(logits: Tensor, targets: Tensor) -> Tensor:

@@ -36,6 +36,24 @@ def kernels_for(device: torch.device, name: str) -> ModuleType | None:
     return import_kernels(name) if runs_on(device) else None
 
 
+def traceable_kernels(name: str) -> ModuleType | None:
+    """`import_kernels` for code that ``torch.compile`` traces: plain import statements, which dynamo
+    follows (the importlib call behind `import_kernels` breaks the graph). For the kernel modules that
+    run under compile; None for others or where Triton is not installed."""
+    try:
+        if name == "fused_rope":
+            from cs336_basics import fused_rope
+
+            return fused_rope
+        if name == "fused_cross_entropy":
+            from cs336_basics import fused_cross_entropy
+
+            return fused_cross_entropy
+    except ImportError:
+        pass
+    return None
+
+
 # ---- tests: Triton reads TRITON_INTERPRET when it is imported, so the CPU twins of the kernel
 # tests (named ``test_interp_*``) run in a child pytest process started with the variable set.
 
