@@ -67,8 +67,8 @@ def gap_report(trace: dict, n_steps: int) -> dict:
     steps = sorted((e for e in events if e.get("cat") == "user_annotation" and e["name"] == "step"),
                    key=lambda e: e["ts"])[-n_steps:]
     phases = [e for e in events if e.get("cat") == "user_annotation" and e["name"].startswith("phase:")]
-    # which phase launched each kernel: the phase range (host) that holds its launch (flow id ->
-    # runtime event); approximated by the cudaLaunch/cuLaunch runtime event's timestamp
+    # which phase launched each kernel: the phase range (host) holding the timestamp of the runtime
+    # (cudaLaunch*/cuLaunch*) event with the kernel's correlation id
     launches = {e["args"].get("correlation"): e["ts"] for e in events
                 if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
 
@@ -88,20 +88,21 @@ def gap_report(trace: dict, n_steps: int) -> dict:
             continue
         busy, short, long_gaps, end = 0.0, 0.0, defaultdict(float), ks[0]["ts"]
         gaps = []
+        phase = [phase_of(k) for k in ks]
         by_kernel: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0])  # (phase, name) -> [us, calls]
-        for k in ks:
-            entry = by_kernel[(phase_of(k), k["name"][:80])]
+        for k, ph in zip(ks, phase):
+            entry = by_kernel[(ph, k["name"][:80])]
             entry[0] += k["dur"]
             entry[1] += 1
-        for prev, k in zip([None, *ks[:-1]], ks):
+        for prev, k, ph in zip([None, *ks[:-1]], ks, phase):
             start, stop = k["ts"], k["ts"] + k["dur"]
             if prev is not None and start > end:
                 gap = start - end
                 if gap < SHORT_GAP_US:
                     short += gap
                 else:
-                    long_gaps[phase_of(k)] += gap
-                    gaps.append((gap, prev["name"][:60], k["name"][:60], phase_of(k)))
+                    long_gaps[ph] += gap
+                    gaps.append((gap, prev["name"][:60], k["name"][:60], ph))
             busy += max(0.0, stop - max(start, end))
             end = max(end, stop)
         per_step.append({
