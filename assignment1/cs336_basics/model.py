@@ -8,7 +8,9 @@ or ``"none"``, ``use_rope=False`` (NoPE), ``ffn="silu"``, ``tie_embeddings=True`
 The attention kernel is chosen once, at construction (``attn_backend``): ``"math"`` (our own
 softmax attention below), ``"sdpa"`` (``torch.nn.functional.scaled_dot_product_attention``),
 ``"flash"`` (``cs336_systems.flash_attention.flash_attn_mha``) or any callable
-``attn_fn(q, k, v, is_causal) -> o`` on ``(B, H, T, D)`` tensors. ``forward`` never branches on it.
+``attn_fn(q, k, v, is_causal) -> o`` on ``(B, H, T, D)`` tensors. ``forward`` never branches on it,
+except that a backend with ``attn_fn.applies_rope = True`` (the "flash" one) is handed q, k unrotated
+with ``rope=`` (the module) and ``positions=``, so it can rotate them inside its kernels.
 
 RMSNorm, RoPE and SwiGLU's ``silu(a) · b`` run as Triton kernels, forward and backward, on CUDA in
 eager mode (``fused_rmsnorm.py``, ``fused_rope.py``, ``fused_swiglu.py``: one pass over memory
@@ -247,6 +249,9 @@ class MultiHeadSelfAttention(nn.Module):
         self.output_proj = Linear(d_model, d_model, device=device, dtype=dtype)
         self.rope = rope
         self.attn_fn = resolve_attn_backend(attn_backend)
+        # a backend that says it can (``applies_rope``, e.g. the "flash" one) gets q, k unrotated with
+        # ``rope=, positions=`` and applies RoPE itself (inside its kernels where it can)
+        self.attn_applies_rope = rope is not None and getattr(self.attn_fn, "applies_rope", False)
 
     def forward(
         self,
@@ -264,6 +269,9 @@ class MultiHeadSelfAttention(nn.Module):
             if token_positions is None:
                 token_positions = torch.arange(past, past + t, device=x.device)
             pos = token_positions.unsqueeze(-2) if token_positions.dim() > 1 else token_positions  # (..., 1, T)
+            if self.attn_applies_rope and kv_cache is None:
+                o = self.attn_fn(q, k, v, t > 1, rope=self.rope, positions=pos)
+                return self.output_proj(o.transpose(-3, -2).flatten(-2))
             q, k = self.rope(q, pos), self.rope(k, pos)
         attn_fn = self.attn_fn
         if kv_cache is not None:

@@ -5,9 +5,10 @@
   (FA2 Algorithm 2 with D = rowsum(dO * O)). Runs anywhere; it is the reference the Triton kernels
   are tested against and the CPU fallback of ``flash_attn_mha``.
 * ``FlashAttentionTriton``: the same contract with the Triton kernels of ``flash_kernels``
-  (forward; backward as a preprocess, a dK/dV pass and a dQ pass, no atomics).
-* ``flash_attn_mha(q, k, v, is_causal=True)``: ``(B, H, T, D)`` inputs, the "flash" attention
-  backend of ``cs336_basics.model``.
+  (forward; backward as a preprocess, a dK/dV pass and a dQ pass, no atomics; for short sequences
+  one launch of one program per (batch, head)). Optionally applies RoPE to q and k inside the kernels.
+* ``flash_attn_mha(q, k, v, is_causal=True, rope=None, positions=None)``: ``(B, H, T, D)`` inputs,
+  the "flash" attention backend of ``cs336_basics.model``.
 
 Both Functions take ``Q (batch, n_q, d)``, ``K, V (batch, n_k, d)`` (or with a head dimension,
 ``(batch, heads, n, d)``), scale the scores by ``1/sqrt(d)``, and for ``is_causal`` let query i see
@@ -164,6 +165,15 @@ def _as_4d(t: torch.Tensor) -> torch.Tensor:
 # The kernels as operators (`kernel_op`: a ``triton_op`` that inductor traces into and launches from
 # its own code; an opaque custom op under the interpreter), so torch.compile keeps the graph whole.
 # Outputs and gradients take the layout of their inputs (see ``flash_kernels._empty_like``).
+# ``pos, cos, sin`` (optional): RoPE applied inside the kernels (`flash_attn_mha`'s ``rope``).
+
+# sequences up to this length (queries and keys) take the one-launch backward
+# (``flash_kernels.flash_bwd_short``: one program per (batch, head), P computed once per tile pair)
+SHORT_SEQ_MAX = 256
+
+
+def short_sequences(q: torch.Tensor, k: torch.Tensor) -> bool:
+    return max(q.shape[-2], k.shape[-2]) <= SHORT_SEQ_MAX
 
 
 def _like(t: torch.Tensor) -> torch.Tensor:
@@ -171,32 +181,44 @@ def _like(t: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(_as_4d(t)).view(t.shape)
 
 
-def _fwd_fake(q, k, v, is_causal):
+def _rope(pos: torch.Tensor | None, cos: torch.Tensor | None, sin: torch.Tensor | None):
+    """The kernels' ``rope`` argument: positions as (Z, H, T) (a view), the tables; None without."""
+    return None if pos is None else (pos.unsqueeze(1) if pos.dim() == 2 else pos, cos, sin)
+
+
+def _fwd_fake(q, k, v, is_causal, pos=None, cos=None, sin=None):
     return _like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
-def _flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _flash_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool,
+    pos: torch.Tensor | None = None, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """O (shape and layout of q) and L (shape of q without d, fp32) from the Triton forward."""
     from cs336_systems import flash_kernels
 
-    o, lse = flash_kernels.flash_fwd(_as_4d(q), _as_4d(k), _as_4d(v), is_causal)
+    o, lse = flash_kernels.flash_fwd(_as_4d(q), _as_4d(k), _as_4d(v), is_causal, _rope(pos, cos, sin))
     return o.view(q.shape), lse.view(q.shape[:-1])
 
 
-def _bwd_fake(q, k, v, o, lse, do, is_causal):
+def _bwd_fake(q, k, v, o, lse, do, is_causal, pos=None, cos=None, sin=None):
     return _like(q), _like(k), _like(v)
 
 
 def _flash_bwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, do: torch.Tensor,
     is_causal: bool,
+    pos: torch.Tensor | None = None, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dQ, dK, dV), each in its input's layout, from the Triton backward; dO may be non-contiguous or stride-0."""
+    """(dQ, dK, dV), each in its input's layout, from the Triton backward; dO may be non-contiguous or stride-0.
+    Short sequences take the one-launch backward (the only one that applies RoPE)."""
     from cs336_systems import flash_kernels
 
-    dq, dk, dv = flash_kernels.flash_bwd(
-        _as_4d(q), _as_4d(k), _as_4d(v), _as_4d(o), lse.view(-1, q.shape[-2]), _as_4d(do), is_causal
-    )
+    args = (_as_4d(q), _as_4d(k), _as_4d(v), _as_4d(o), lse.view(-1, q.shape[-2]), _as_4d(do), is_causal)
+    if short_sequences(q, k):
+        dq, dk, dv = flash_kernels.flash_bwd_short(*args, _rope(pos, cos, sin))
+    else:
+        dq, dk, dv = flash_kernels.flash_bwd(*args)
     return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
 
 
@@ -207,32 +229,61 @@ flash_bwd_op = kernel_op("cs336_systems::flash_bwd", _bwd_fake)(_flash_bwd)
 class FlashAttentionTriton(torch.autograd.Function):
     """FlashAttention-2 as Triton kernels (``flash_kernels``); same contract as the PyTorch one.
     Under ``torch.compile`` the kernels run as the operators above; in eager mode the same code is
-    called directly (an operator call costs ~25 us of host time, and eager steps are host-bound)."""
+    called directly (an operator call costs ~25 us of host time, and eager steps are host-bound).
+
+    Optional ``positions, cos, sin`` (short sequences, N_Q == N_K only): q and k are rotated by
+    RoPE (adjacent pairs, fp32 tables ``(max_seq_len, D/2)``, ``positions`` int of q's shape without
+    d) inside the kernels, and their gradients are those of the unrotated inputs."""
 
     @staticmethod
-    def forward(ctx, Q, K, V, is_causal=False):
+    def forward(ctx, Q, K, V, is_causal=False, positions=None, cos=None, sin=None):
         _check_triton_inputs(Q, K, V)
-        O, L = (flash_fwd_op if torch.compiler.is_compiling() else _flash_fwd)(Q, K, V, is_causal)
-        ctx.save_for_backward(Q, K, V, O, L)
+        if positions is not None and not (Q.shape == K.shape and short_sequences(Q, K)):
+            raise ValueError(
+                f"RoPE inside the kernels needs q and k of one shape with at most {SHORT_SEQ_MAX} positions; "
+                f"got q {tuple(Q.shape)}, k {tuple(K.shape)}"
+            )
+        rope = () if positions is None else (positions, cos, sin)
+        O, L = (flash_fwd_op if torch.compiler.is_compiling() else _flash_fwd)(Q, K, V, is_causal, *rope)
+        ctx.save_for_backward(Q, K, V, O, L, *rope)
         ctx.is_causal = is_causal
         return O
 
     @staticmethod
     def backward(ctx, dO):
-        Q, K, V, O, L = ctx.saved_tensors
-        dQ, dK, dV = (flash_bwd_op if torch.compiler.is_compiling() else _flash_bwd)(Q, K, V, O, L, dO, ctx.is_causal)
-        return dQ, dK, dV, None
+        Q, K, V, O, L, *rope = ctx.saved_tensors
+        bwd = flash_bwd_op if torch.compiler.is_compiling() else _flash_bwd
+        dQ, dK, dV = bwd(Q, K, V, O, L, dO, ctx.is_causal, *rope)
+        return dQ, dK, dV, None, None, None, None
 
 
-def flash_attn_mha(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = True) -> torch.Tensor:
+def flash_attn_mha(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = True,
+    rope: torch.nn.Module | None = None, positions: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Attention over ``(B, H, T, D)`` tensors: Triton kernels on CUDA, the PyTorch version elsewhere.
 
     Under autocast the inputs are cast to the autocast dtype first (RoPE may leave q, k in float32
     while v is bf16).
+
+    ``rope`` (a ``cs336_basics.model.RotaryPositionalEmbedding``) with ``positions`` (int,
+    broadcastable to ``(B, H, T)``): q and k are rotated first. For self-attention over short
+    sequences (`SHORT_SEQ_MAX`) on the Triton path the kernels do it as they load q and k (no
+    rotated copies written and read back, nor their gradients); elsewhere ``rope`` runs as a module.
+    The model passes them because this function says so (``applies_rope``).
     """
     if torch.is_autocast_enabled(q.device.type):
         dt = torch.get_autocast_dtype(q.device.type)
         q, k, v = q.to(dt), k.to(dt), v.to(dt)
-    if triton_runs_on(q.device):
+    triton_ok = triton_runs_on(q.device)
+    if rope is not None:
+        if triton_ok and q.shape == k.shape and short_sequences(q, k):
+            pos = torch.broadcast_to(positions, q.shape[:-1])
+            return FlashAttentionTriton.apply(q, k, v, is_causal, pos, rope.cos, rope.sin)
+        q, k = rope(q, positions), rope(k, positions)
+    if triton_ok:
         return FlashAttentionTriton.apply(q, k, v, is_causal)
     return FlashAttentionPytorch.apply(q, k, v, is_causal)
+
+
+flash_attn_mha.applies_rope = True  # read by cs336_basics.model.MultiHeadSelfAttention

@@ -33,15 +33,35 @@ LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 
 
 # ---------------------------------------------------------------------------------------------
+# RoPE applied to tiles as they are loaded (the model's convention: adjacent pairs (x[2i], x[2i+1])
+# rotated by pos * theta^(-2i/D); the tables cos/sin are (max_seq_len, D/2) fp32, contiguous)
+
+
+@triton.jit
+def _rope_rows(x, offs, n, Pos, stride_pt, Cos, Sin, sign, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """The (ROWS, HEAD_DIM) tile ``x`` of rows ``offs`` rotated by the angles of positions
+    ``Pos[offs]`` (``sign`` -1.0 rotates back, the transpose), in fp32. Rows >= n take position 0."""
+    pos = tl.load(Pos + offs * stride_pt, mask=offs < n, other=0)
+    angle = pos[:, None] * (HEAD_DIM // 2) + tl.arange(0, HEAD_DIM // 2)[None, :]
+    cos = tl.load(Cos + angle)
+    sin = tl.load(Sin + angle) * sign
+    x1, x2 = tl.split(tl.reshape(x.to(tl.float32), (ROWS, HEAD_DIM // 2, 2)))  # even, odd lanes
+    return tl.reshape(tl.join(x1 * cos - x2 * sin, x1 * sin + x2 * cos), (ROWS, HEAD_DIM))
+
+
+# ---------------------------------------------------------------------------------------------
 # forward
 
 
 @triton.jit
 def _fwd_inner(
     acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, offs_d, lo, hi, N_K, qk_scale,
-    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    Pos, stride_pt, Cos, Sin,
+    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, ROPE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
 ):
-    """Online-softmax update of (acc, l_i, m_i) over key tiles [lo, hi); m_i is in base-2 units."""
+    """Online-softmax update of (acc, l_i, m_i) over key tiles [lo, hi); m_i is in base-2 units.
+    ROPE: the key tiles are rotated as they are loaded."""
     offs_nb = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
@@ -51,6 +71,8 @@ def _fwd_inner(
             k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :], mask=in_k, other=0.0)
         else:
             k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :])
+        if ROPE:
+            k = _rope_rows(k, offs_n, N_K, Pos, stride_pt, Cos, Sin, 1.0, BLOCK_N, HEAD_DIM).to(k.dtype)
         qk = tl.dot(q, tl.trans(k))  # (BLOCK_M, BLOCK_N), fp32 accumulation
         if MASKED:
             valid = offs_n[None, :] < N_K
@@ -76,15 +98,18 @@ def _fwd_inner(
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, L,
+    Q, K, V, O, L, Pos, Cos, Sin,
     stride_qz, stride_qh, stride_qm,
     stride_kz, stride_kh, stride_kn,
     stride_vz, stride_vh, stride_vn,
     stride_oz, stride_oh, stride_om,
+    stride_pz, stride_ph, stride_pt,
     H, N_Q, N_K, qk_scale,
-    HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, ROPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """O and L of one query tile. ROPE: q and k are rotated as they are loaded (positions
+    ``Pos[z, h, t]``, one table for queries and keys, so N_Q == N_K)."""
     qk_scale = tl.cast(qk_scale, tl.float32)  # inductor (torch 2.11) passes Python floats as fp64
     off_zh = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -97,12 +122,15 @@ def _fwd_kernel(
     V += off_z * stride_vz + off_h * stride_vh
     O += off_z * stride_oz + off_h * stride_oh
     L += off_zh.to(tl.int64) * N_Q
+    Pos += off_z * stride_pz + off_h * stride_ph
 
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     in_q = offs_m[:, None] < N_Q
     q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :], mask=in_q, other=0.0)
+    if ROPE:
+        q = _rope_rows(q, offs_m, N_Q, Pos, stride_pt, Cos, Sin, 1.0, BLOCK_M, HEAD_DIM).to(q.dtype)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -116,9 +144,11 @@ def _fwd_kernel(
         lo_masked = full_k
         hi = N_K
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, offs_d,
-                               0, lo_masked, N_K, qk_scale, BLOCK_N, False, IS_CAUSAL)
+                               0, lo_masked, N_K, qk_scale, Pos, stride_pt, Cos, Sin,
+                               BLOCK_N, False, IS_CAUSAL, ROPE, HEAD_DIM)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, offs_d,
-                               lo_masked, hi, N_K, qk_scale, BLOCK_N, True, IS_CAUSAL)
+                               lo_masked, hi, N_K, qk_scale, Pos, stride_pt, Cos, Sin,
+                               BLOCK_N, True, IS_CAUSAL, ROPE, HEAD_DIM)
     o = acc / l_i[:, None]
     tl.store(O + offs_m[:, None] * stride_om + offs_d[None, :], o.to(O.dtype.element_ty), mask=in_q)
     tl.store(L + offs_m, (m_i + tl.math.log2(l_i)) * LN2, mask=offs_m < N_Q)
@@ -332,6 +362,105 @@ def _bwd_dq(
              mask=in_q[:, None])
 
 
+@triton.jit
+def _bwd_short(
+    Q, K, V, O, DO, DQ, DK, DV, L, LSE2, Delta, DQacc, Pos, Cos, Sin,
+    stride_qz, stride_qh, stride_qm,
+    stride_kz, stride_kh, stride_kn,
+    stride_vz, stride_vh, stride_vn,
+    stride_oz, stride_oh, stride_om,
+    stride_doz, stride_doh, stride_dom,
+    stride_dqz, stride_dqh, stride_dqm,
+    stride_dkz, stride_dkh, stride_dkn,
+    stride_dvz, stride_dvh, stride_dvn,
+    stride_pz, stride_ph, stride_pt,
+    H, N_Q, N_K, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, ROPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The whole backward of one (batch, head) in one program, for short sequences: dQ, dK, dV
+    from a single P per tile pair (the two-pass backward recomputes P in its dQ pass).
+
+    The program walks the key tiles in order, each against the query tiles that see it (as
+    ``_bwd_dkdv``), and also accumulates each query tile's dS K into an fp32 scratch row block
+    (``DQacc``, only this program's rows; no atomics). A query tile's dQ is complete at the last key
+    tile it sees, which writes it out instead. A prologue computes Delta and lse2 (the two-pass
+    backward's preprocess). ROPE: q and k are rotated as they are loaded, and dQ, dK rotated back
+    before they are stored, so the gradients are those of the unrotated inputs.
+    BLOCK_N must be a multiple of BLOCK_M.
+    """
+    qk_scale, sm_scale = tl.cast(qk_scale, tl.float32), tl.cast(sm_scale, tl.float32)  # fp64 from inductor (torch 2.11)
+    off_zh = tl.program_id(0)
+    off_z = (off_zh // H).to(tl.int64)
+    off_h = (off_zh % H).to(tl.int64)
+    Q += off_z * stride_qz + off_h * stride_qh
+    K += off_z * stride_kz + off_h * stride_kh
+    V += off_z * stride_vz + off_h * stride_vh
+    O += off_z * stride_oz + off_h * stride_oh
+    DO += off_z * stride_doz + off_h * stride_doh
+    DQ += off_z * stride_dqz + off_h * stride_dqh
+    DK += off_z * stride_dkz + off_h * stride_dkh
+    DV += off_z * stride_dvz + off_h * stride_dvh
+    Pos += off_z * stride_pz + off_h * stride_ph
+    rows = off_zh.to(tl.int64) * N_Q
+    L += rows
+    LSE2 += rows
+    Delta += rows
+    DQacc += rows * HEAD_DIM
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_mb = tl.arange(0, BLOCK_M)
+
+    for start_m in range(0, N_Q, BLOCK_M):  # prologue: Delta = rowsum(dO * O), lse2 = L * log2(e)
+        offs_m = start_m + offs_mb
+        in_q = offs_m < N_Q
+        o = tl.load(O + offs_m[:, None] * stride_om + offs_d[None, :], mask=in_q[:, None], other=0.0)
+        do = tl.load(DO + offs_m[:, None] * stride_dom + offs_d[None, :], mask=in_q[:, None], other=0.0)
+        tl.store(Delta + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1), mask=in_q)
+        tl.store(LSE2 + offs_m, tl.load(L + offs_m, mask=in_q, other=0.0) * 1.4426950408889634, mask=in_q)
+    tl.debug_barrier()  # the rows written above are read below by other threads of the program
+
+    for start_n in range(0, N_K, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        in_k = offs_n[:, None] < N_K
+        k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :], mask=in_k, other=0.0)
+        v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :], mask=in_k, other=0.0)
+        if ROPE:
+            k = _rope_rows(k, offs_n, N_K, Pos, stride_pt, Cos, Sin, 1.0, BLOCK_N, HEAD_DIM).to(k.dtype)
+        dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        lo = start_n if IS_CAUSAL else 0  # causal: queries < start_n see none of these keys
+        for start_m in range(lo, N_Q, BLOCK_M):
+            offs_m = start_m + offs_mb
+            in_q = offs_m < N_Q
+            keys_seen = tl.minimum(offs_m + 1, N_K) if IS_CAUSAL else tl.zeros_like(offs_m) + N_K
+            q, do, lse2, delta = _load_q_rows(Q, DO, stride_qm, stride_dom, LSE2, Delta, offs_m, offs_d, N_Q, True)
+            if ROPE:
+                q = _rope_rows(q, offs_m, N_Q, Pos, stride_pt, Cos, Sin, 1.0, BLOCK_M, HEAD_DIM).to(q.dtype)
+            qkT = tl.dot(k, tl.trans(q))  # (BLOCK_N, BLOCK_M); padded key rows are 0, so add 0 to dQ
+            dpT = tl.dot(v, tl.trans(do))
+            pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
+            if IS_CAUSAL:
+                pT = tl.where(offs_m[None, :] >= offs_n[:, None], pT, 0.0)
+            dv = tl.dot(pT.to(do.dtype), do, dv)
+            dsT = pT * (dpT - delta[None, :])
+            dk = tl.dot(dsT.to(q.dtype), q, dk)
+            dq = tl.dot(tl.trans(dsT.to(k.dtype)), k)  # (BLOCK_M, HEAD_DIM)
+            if ROPE:  # (the scratch holds the rotated-back sum)
+                dq = _rope_rows(dq, offs_m, N_Q, Pos, stride_pt, Cos, Sin, -1.0, BLOCK_M, HEAD_DIM)
+            acc_ptrs = DQacc + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+            after_first = (tl.zeros_like(offs_m) + start_n) > 0  # (as a vector: the interpreter's masks are arrays)
+            dq += tl.load(acc_ptrs, mask=(in_q & after_first)[:, None], other=0.0)
+            last = (keys_seen <= start_n + BLOCK_N) & in_q  # rows whose last visible key tile this is
+            tl.store(DQ + offs_m[:, None] * stride_dqm + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
+                     mask=last[:, None])
+            tl.store(acc_ptrs, dq, mask=(in_q & (last == 0))[:, None])
+        if ROPE:
+            dk = _rope_rows(dk, offs_n, N_K, Pos, stride_pt, Cos, Sin, -1.0, BLOCK_N, HEAD_DIM)
+        tl.store(DK + offs_n[:, None] * stride_dkn + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty), mask=in_k)
+        tl.store(DV + offs_n[:, None] * stride_dvn + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=in_k)
+        tl.debug_barrier()  # DQacc rows stored by this key tile are read by the next one
+
+
 # ---------------------------------------------------------------------------------------------
 # tile configs and autotuning
 
@@ -360,8 +489,13 @@ DQ_CONFIGS = [
     _cfg(64, 64, 4, 3), _cfg(64, 64, 4, 4), _cfg(128, 64, 8, 4), _cfg(128, 128, 8, 2), _cfg(64, 32, 4, 2),
     _cfg(32, 32, 4, 2), _cfg(16, 16, 4, 2),
 ]
+# the one-program-per-head backward (``_bwd_short``): BLOCK_N a multiple of BLOCK_M; not yet timed
+SHORT_CONFIGS = [
+    _cfg(64, 64, 4, 2), _cfg(64, 64, 4, 3), _cfg(32, 64, 4, 2), _cfg(64, 128, 8, 2), _cfg(32, 128, 4, 2),
+    _cfg(32, 32, 4, 2), _cfg(16, 16, 4, 2),
+]
 # (BLOCK_M, BLOCK_N) in the interpreter: small, so CPU tests cross several tiles at tiny sizes
-INTERPRET_TILES = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}
+INTERPRET_TILES = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16), "short": (16, 32)}
 MAX_TUNED_CONFIGS = 6
 SMEM_BYTES = 227 * 1024  # H100 per-block limit
 
@@ -407,27 +541,28 @@ POISON_OUTPUTS = False
 
 
 def _launcher(name: str, kernel, configs: list[triton.Config]):
-    """Returns ``run(grid_fn, *args, HEAD_DIM=..., IS_CAUSAL=..., dtype=...)`` for one kernel.
+    """Returns ``run(grid_fn, *args, HEAD_DIM=..., IS_CAUSAL=..., dtype=..., **constexprs)`` for one
+    kernel (``constexprs``: its other compile-time flags, e.g. ``ROPE``).
 
     The autotuned wrapper is built lazily (never in the interpreter, whose launches cannot be timed).
     """
 
-    def run(grid_fn, *args, HEAD_DIM: int, IS_CAUSAL: bool, dtype: torch.dtype):
+    def run(grid_fn, *args, HEAD_DIM: int, IS_CAUSAL: bool, dtype: torch.dtype, **constexprs):
+        consts = {"HEAD_DIM": HEAD_DIM, "IS_CAUSAL": IS_CAUSAL, **constexprs}
         if _interpreting():
             bm, bn = INTERPRET_TILES[name]
             meta = {"BLOCK_M": bm, "BLOCK_N": bn}
-            launch(kernel)[grid_fn(meta)](*args, HEAD_DIM=HEAD_DIM, IS_CAUSAL=IS_CAUSAL, **meta)
+            launch(kernel)[grid_fn(meta)](*args, **consts, **meta)
         elif _autotune_enabled() and name not in FORCE_CONFIG:
             if name not in _tuned:
                 _tuned[name] = triton.autotune(configs, key=_KEY, prune_configs_by={"early_config_prune": _prune})(
                     kernel
                 )
-            launch(_tuned[name])[grid_fn](*args, HEAD_DIM=HEAD_DIM, IS_CAUSAL=IS_CAUSAL)
+            launch(_tuned[name])[grid_fn](*args, **consts)
         else:
             cfg = FORCE_CONFIG.get(name) or _candidates(configs, HEAD_DIM, dtype)[0]
             launch(kernel)[grid_fn(cfg.kwargs)](
-                *args, HEAD_DIM=HEAD_DIM, IS_CAUSAL=IS_CAUSAL, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                **cfg.kwargs,
+                *args, **consts, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.kwargs
             )
 
     return run
@@ -436,13 +571,15 @@ def _launcher(name: str, kernel, configs: list[triton.Config]):
 _launch_fwd = _launcher("fwd", _fwd_kernel, FWD_CONFIGS)
 _launch_dkdv = _launcher("dkdv", _bwd_dkdv, DKDV_CONFIGS)
 _launch_dq = _launcher("dq", _bwd_dq, DQ_CONFIGS)
+_launch_short = _launcher("short", _bwd_short, SHORT_CONFIGS)
 
 
 def force_candidate(index: int | None, head_dim: int = 0, dtype: torch.dtype | None = None) -> None:
     """Run every kernel with its `index`-th candidate (clamped) for this head dim and dtype; None: stop forcing."""
     FORCE_CONFIG.clear()
     if index is not None:
-        for name, configs in (("fwd", FWD_CONFIGS), ("dkdv", DKDV_CONFIGS), ("dq", DQ_CONFIGS)):
+        for name, configs in (("fwd", FWD_CONFIGS), ("dkdv", DKDV_CONFIGS), ("dq", DQ_CONFIGS),
+                              ("short", SHORT_CONFIGS)):
             cands = _candidates(configs, head_dim, dtype)
             FORCE_CONFIG[name] = cands[min(index, len(cands) - 1)]
 
@@ -477,19 +614,32 @@ def _empty_like(t: torch.Tensor) -> torch.Tensor:
     return out.fill_(float("nan")) if POISON_OUTPUTS else out
 
 
-def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+Rope = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # positions (Z, H, T) int (any strides), cos, sin
+
+
+def _rope_args(rope: Rope | None, like: torch.Tensor) -> tuple:
+    """(Pos, Cos, Sin, 3 position strides) for a kernel; unused placeholders when ``rope`` is None."""
+    if rope is None:
+        return like, like, like, 0, 0, 0
+    pos, cos, sin = rope
+    return pos, cos, sin, *_strides3(pos)
+
+
+def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool,
+              rope: Rope | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """q (Z, H, N_Q, D), k, v (Z, H, N_K, D), last dim contiguous -> O (shape and layout of q),
-    L (Z*H, N_Q) fp32."""
+    L (Z*H, N_Q) fp32. ``rope`` (N_Q == N_K): rotate q and k by RoPE as they are loaded."""
     Z, H, N_Q, D = q.shape
     N_K = k.shape[2]
     o = _empty_like(q)
     L = _empty((Z * H, N_Q), q, torch.float32)
     sm_scale = 1.0 / math.sqrt(D)
+    pos, cos, sin, *pos_strides = _rope_args(rope, q)
     _launch_fwd(
         lambda meta: (Z * H, triton.cdiv(N_Q, meta["BLOCK_M"])),
-        q, k, v, o, L, *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o),
+        q, k, v, o, L, pos, cos, sin, *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o), *pos_strides,
         H, N_Q, N_K, sm_scale * LOG2E,
-        HEAD_DIM=D, IS_CAUSAL=bool(is_causal), dtype=q.dtype,
+        HEAD_DIM=D, IS_CAUSAL=bool(is_causal), dtype=q.dtype, ROPE=rope is not None,
     )
     return o, L
 
@@ -520,5 +670,28 @@ def flash_bwd(q, k, v, o, L, do, is_causal: bool):
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dq),
         H, N_Q, N_K, sm_scale * LOG2E, sm_scale,
         HEAD_DIM=D, IS_CAUSAL=bool(is_causal), dtype=q.dtype,
+    )
+    return dq, dk, dv
+
+
+def flash_bwd_short(q, k, v, o, L, do, is_causal: bool, rope: Rope | None = None):
+    """`flash_bwd` as one launch of one program per (batch, head) (``_bwd_short``), for short
+    sequences with many heads. ``rope``: q and k were rotated by the forward; the gradients are
+    those of the unrotated q and k."""
+    Z, H, N_Q, D = q.shape
+    N_K = k.shape[2]
+    sm_scale = 1.0 / math.sqrt(D)
+    delta = _empty((Z * H, N_Q), q, torch.float32)
+    lse2 = _empty((Z * H, N_Q), q, torch.float32)
+    dq_acc = torch.empty((Z * H, N_Q, D), device=q.device, dtype=torch.float32)  # written before it is read
+    dq, dk, dv = _empty_like(q), _empty_like(k), _empty_like(v)
+    pos, cos, sin, *pos_strides = _rope_args(rope, q)
+    _launch_short(
+        lambda meta: (Z * H,),
+        q, k, v, o, do, dq, dk, dv, L, lse2, delta, dq_acc, pos, cos, sin,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o), *_strides3(do),
+        *_strides3(dq), *_strides3(dk), *_strides3(dv), *pos_strides,
+        H, N_Q, N_K, sm_scale * LOG2E, sm_scale,
+        HEAD_DIM=D, IS_CAUSAL=bool(is_causal), dtype=q.dtype, ROPE=rope is not None,
     )
     return dq, dk, dv

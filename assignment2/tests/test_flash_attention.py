@@ -12,7 +12,9 @@ import math
 
 import pytest
 import torch
+from cs336_basics.model import RotaryPositionalEmbedding, TransformerLM
 from cs336_basics.triton_support import interpreting, run_interpreter_tests
+from cs336_systems import flash_attention
 from cs336_systems.flash_attention import (
     FlashAttentionPytorch,
     FlashAttentionTriton,
@@ -45,6 +47,14 @@ def attention_reference(q, k, v, is_causal):
         n_q, n_k = s.shape[-2:]
         s = s.masked_fill(torch.arange(n_k)[None, :] > torch.arange(n_q)[:, None], -math.inf)
     return torch.softmax(s, dim=-1) @ v, torch.logsumexp(s, dim=-1)
+
+
+def rope_reference(x: torch.Tensor, pos: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
+    """RoPE in float64 from its formula: adjacent pairs (x[2i], x[2i+1]) rotated by pos * theta^(-2i/d)."""
+    d = x.shape[-1]
+    angle = pos.double()[..., None] * theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    x1, x2 = x.double()[..., 0::2], x.double()[..., 1::2]
+    return torch.stack((x1 * angle.cos() - x2 * angle.sin(), x1 * angle.sin() + x2 * angle.cos()), -1).flatten(-2)
 
 
 def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -127,17 +137,79 @@ def test_triton_rejects_unsupported_inputs():
 # --------------------------------------------------------------------------------- Triton
 
 
+@pytest.fixture(params=["two_pass", "short"])
+def backward_kind(request, monkeypatch):
+    """Both backwards at the same small shapes: the one-launch one is taken up to SHORT_SEQ_MAX."""
+    monkeypatch.setattr(flash_attention, "SHORT_SEQ_MAX", 0 if request.param == "two_pass" else 256)
+    return request.param
+
+
 @interp_only
 @pytest.mark.parametrize("is_causal", [False, True])
 @pytest.mark.parametrize("q_shape,n_k", INTERP_SHAPES)
-def test_interp_triton_matches_reference(q_shape, n_k, is_causal):
+def test_interp_triton_matches_reference(q_shape, n_k, is_causal, backward_kind):
     check_against_reference(FlashAttentionTriton.apply, q_shape, n_k, is_causal)
 
 
 @interp_only
 @pytest.mark.parametrize("grad_layout", ["sum", "sum_over_tokens", "transposed"])
-def test_interp_triton_odd_grad_layouts(grad_layout):
+def test_interp_triton_odd_grad_layouts(grad_layout, backward_kind):
     check_against_reference(FlashAttentionTriton.apply, (1, 48, 32), 48, True, grad_layout=grad_layout)
+
+
+@interp_only
+@pytest.mark.parametrize("positions", ["arange", "per_batch"])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_interp_rope_inside_kernels(positions, is_causal):
+    # q, k rotated as the kernels load them, gradients rotated back: against RoPE's formula + attention in fp64
+    g = torch.Generator().manual_seed(3)
+    b, t, h, d = 2, 45, 3, 16
+    q, k, v = (torch.randn(b, t, h, d, generator=g).transpose(1, 2).requires_grad_() for _ in range(3))
+    pos = torch.arange(t) if positions == "arange" else torch.randint(0, 64, (b, 1, t), generator=g)
+    rope = RotaryPositionalEmbedding(10000.0, d, 64)
+    o = flash_attn_mha(q, k, v, is_causal, rope=rope, positions=pos)
+    assert any(t.dtype == torch.int64 for t in o.grad_fn.saved_tensors), "RoPE did not run inside the kernels"
+    do = torch.randn(o.shape, generator=g)
+    (o * do).sum().backward()
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    o_ref, _ = attention_reference(rope_reference(q64, pos), rope_reference(k64, pos), v64, is_causal)
+    (o_ref * do.double()).sum().backward()
+    for got, ref in ((o, o_ref), (q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
+        assert rel_err(got, ref) < 1e-5
+    assert all(x.transpose(1, 2).is_contiguous() for x in (o, q.grad, k.grad, v.grad))
+
+
+@interp_only
+def test_interp_rope_outside_kernels_for_long_sequences(monkeypatch):
+    # past SHORT_SEQ_MAX the two-pass backward runs, and RoPE runs as the module first: same numbers
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 2, 40, 16, generator=g, requires_grad=True) for _ in range(3))
+    rope, pos = RotaryPositionalEmbedding(10000.0, 16, 40), torch.arange(40)
+    inside = flash_attn_mha(q, k, v, True, rope=rope, positions=pos)
+    monkeypatch.setattr(flash_attention, "SHORT_SEQ_MAX", 16)
+    outside = flash_attn_mha(q, k, v, True, rope=rope, positions=pos)
+    assert not any(t.dtype == torch.int64 for t in outside.grad_fn.saved_tensors)
+    torch.testing.assert_close(inside, outside, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="RoPE inside the kernels"):
+        FlashAttentionTriton.apply(q, k, v, True, pos.expand(1, 2, 40), rope.cos, rope.sin)
+
+
+@interp_only
+def test_interp_model_with_flash_backend_matches_math():
+    # the whole LM (RoPE handed to the attention kernels) against our own softmax attention
+    torch.manual_seed(5)
+    kw = {"vocab_size": 50, "context_length": 40, "d_model": 32, "num_layers": 2, "num_heads": 2, "d_ff": 48}
+    ref = TransformerLM(**kw, attn_backend="math")
+    lm = TransformerLM(**kw, attn_backend="flash")
+    lm.load_state_dict(ref.state_dict())
+    assert lm.layers[0].attn.attn_applies_rope
+    ids = torch.randint(0, 50, (2, 37))
+    logits_ref, logits = ref(ids), lm(ids)
+    torch.testing.assert_close(logits, logits_ref, atol=1e-5, rtol=1e-5)
+    logits_ref.square().mean().backward()
+    logits.square().mean().backward()
+    for (name, p), p_ref in zip(lm.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, p_ref.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
 @interp_only
@@ -164,6 +236,9 @@ def test_interp_custom_ops_pass_opcheck():
     o, lse = flash_fwd_op(q, k, v, True)
     do = torch.randn(o.shape, generator=g)
     torch.library.opcheck(flash_bwd_op, (q, k, v, o, lse, do, True))
+    rope = (torch.arange(40).expand(1, 2, 40), *(torch.rand(40, 8, generator=g) for _ in range(2)))
+    torch.library.opcheck(flash_fwd_op, (q, k, v, True, *rope))
+    torch.library.opcheck(flash_bwd_op, (q, k, v, o, lse, do, True, *rope))
 
 
 @interp_only

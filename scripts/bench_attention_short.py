@@ -1,0 +1,175 @@
+"""Attention at the tinystories-17m shape on one GPU: where the per-step attention time goes and
+what the one-launch short-sequence backward and RoPE-inside-the-kernels save.
+
+Shape: bf16, causal, 16 heads of d = 32, B*T = 32,768 tokens (the course's batch 128 x context 256),
+q/k/v as ``(B, H, T, D)`` views of ``(B, T, H, D)`` buffers, as the model makes them. Times are the
+median of ``triton.testing.do_bench`` for one attention layer (the model has 4).
+
+* ``kernels``: forward, the two-pass backward (``flash_bwd``) and the one-launch backward
+  (``flash_bwd_short``), autotuned, at T = 128..1024 (B = 32768 / T): where the short one pays off.
+* ``configs``: at T = 256, every forward and short-backward tile config forced in turn.
+* ``rope``: at T = 256, the RoPE kernels of ``fused_rope`` (q and k, forward and backward) against
+  the forward and the short backward with RoPE applied inside them.
+* ``layer``: at T = 256, forward + backward through autograd of RoPE + attention: SDPA with our RoPE
+  kernels, FlashAttention (two-pass, short) with them, and short with RoPE inside; plus the bf16
+  errors of the last against the first two in float64.
+
+    PYTHONPATH=assignment1:assignment2 python3 scripts/bench_attention_short.py --out short.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+H, D, TOKENS = 16, 32, 32768
+
+
+def make_qkv(t: int, grad: bool = False) -> tuple[torch.Tensor, ...]:
+    b = TOKENS // t
+    return tuple(torch.randn(b, t, H, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_(grad)
+                 for _ in range(3))
+
+
+def bench(fn, warmup=25, rep=100) -> float:
+    import triton
+
+    return triton.testing.do_bench(fn, warmup=warmup, rep=rep)
+
+
+def kernel_row(fk, t: int) -> dict:
+    q, k, v = make_qkv(t)
+    o, L = fk.flash_fwd(q, k, v, True)
+    do = torch.randn_like(o)
+    return {"T": t, "B": TOKENS // t,
+            "fwd_ms": bench(lambda: fk.flash_fwd(q, k, v, True)),
+            "bwd_two_pass_ms": bench(lambda: fk.flash_bwd(q, k, v, o, L, do, True)),
+            "bwd_short_ms": bench(lambda: fk.flash_bwd_short(q, k, v, o, L, do, True))}
+
+
+def kernels_table(fk, seqs) -> list[dict]:
+    rows = []
+    for t in seqs:
+        rows.append(row := kernel_row(fk, t))
+        print(f"T={t:5d}  fwd {row['fwd_ms']:.4f}  bwd two-pass {row['bwd_two_pass_ms']:.4f}  "
+              f"short {row['bwd_short_ms']:.4f} ms", flush=True)
+    return rows
+
+
+def configs_table(fk, t=256) -> dict:
+    q, k, v = make_qkv(t)
+    o, L = fk.flash_fwd(q, k, v, True)
+    do = torch.randn_like(o)
+    out = {}
+    for name, configs, fn in (("fwd", fk.FWD_CONFIGS, lambda: fk.flash_fwd(q, k, v, True)),
+                              ("short", fk.SHORT_CONFIGS, lambda: fk.flash_bwd_short(q, k, v, o, L, do, True))):
+        out[name] = {}
+        for cfg in fk._candidates(configs, D, torch.bfloat16):
+            fk.FORCE_CONFIG[name] = cfg
+            out[name][fk.config_name(cfg)] = ms = bench(fn)
+            print(f"{name:5s} {fk.config_name(cfg):14s} {ms:.4f} ms", flush=True)
+        fk.FORCE_CONFIG.clear()
+    out["autotuned"] = fk.best_configs()
+    return out
+
+
+def rope_table(fk, t=256) -> dict:
+    from cs336_basics import fused_rope
+    from cs336_basics.model import RotaryPositionalEmbedding
+
+    q, k, v = make_qkv(t)
+    rope = RotaryPositionalEmbedding(10000.0, D, t, device="cuda")
+    pos = torch.arange(t, device="cuda").expand(q.shape[:-1])
+    tables = (pos, rope.cos, rope.sin)
+    o, L = fk.flash_fwd(q, k, v, True)
+    do = torch.randn_like(o)
+    row = {
+        "rope_kernel_4_calls_ms": 4 * bench(lambda: fused_rope._rotated(q, pos, rope.cos, rope.sin, 1.0)),
+        "fwd_ms": bench(lambda: fk.flash_fwd(q, k, v, True)),
+        "fwd_rope_inside_ms": bench(lambda: fk.flash_fwd(q, k, v, True, tables)),
+        "bwd_short_ms": bench(lambda: fk.flash_bwd_short(q, k, v, o, L, do, True)),
+        "bwd_short_rope_inside_ms": bench(lambda: fk.flash_bwd_short(q, k, v, o, L, do, True, tables)),
+    }
+    for key, ms in row.items():
+        print(f"{key:28s} {ms:.4f} ms", flush=True)
+    return row
+
+
+def layer_table(t=256) -> dict:
+    from cs336_basics.model import RotaryPositionalEmbedding
+    from cs336_systems import flash_attention as fa
+
+    rope = RotaryPositionalEmbedding(10000.0, D, t, device="cuda")
+    pos = torch.arange(t, device="cuda")
+    q, k, v = make_qkv(t, grad=True)
+    do = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
+
+    def sdpa(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(rope(q, pos), rope(k, pos), v, is_causal=True)
+
+    def flash_rope_outside(q, k, v):
+        return fa.flash_attn_mha(rope(q, pos), rope(k, pos), v, True)
+
+    def flash_rope_inside(q, k, v):
+        return fa.flash_attn_mha(q, k, v, True, rope=rope, positions=pos)
+
+    variants = {"sdpa + rope kernels": (sdpa, 256), "flash two-pass + rope kernels": (flash_rope_outside, 0),
+                "flash short + rope kernels": (flash_rope_outside, 256), "flash short, rope inside": (flash_rope_inside, 256)}
+    out, grads = {}, {}
+    for name, (fn, short_max) in variants.items():
+        fa.SHORT_SEQ_MAX = short_max
+
+        def step(fn=fn):
+            for x in (q, k, v):
+                x.grad = None
+            (fn(q, k, v) * do).sum().backward()
+
+        out[name] = bench(step)
+        step()
+        grads[name] = [x.grad.clone() for x in (q, k, v)]
+        print(f"{name:30s} fwd+bwd {out[name]:.4f} ms", flush=True)
+    fa.SHORT_SEQ_MAX = 256
+    # errors in float64 on 8 heads' worth of batch
+    qs, ks, vs = (x.detach()[:4].double().requires_grad_() for x in (q, k, v))
+    rope64 = RotaryPositionalEmbedding(10000.0, D, t, device="cuda")
+
+    def rot(x):
+        c, s = rope64.cos[pos].double(), rope64.sin[pos].double()
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), -1).flatten(-2)
+
+    ref = torch.nn.functional.scaled_dot_product_attention(rot(qs), rot(ks), vs, is_causal=True)
+    (ref * do[:4].double()).sum().backward()
+    errs = {name: {n: ((g[i][:4].double() - r.grad).norm() / r.grad.norm()).item()
+                   for i, (n, r) in enumerate(zip("qkv", (qs, ks, vs)))} for name, g in grads.items()}
+    for name, e in errs.items():
+        print(f"{name:30s} rel err dq {e['q']:.2e} dk {e['k']:.2e} dv {e['v']:.2e}", flush=True)
+    return {"fwd_bwd_ms": out, "grad_rel_err_vs_fp64": errs}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", nargs="*", default=["kernels", "configs", "rope", "layer"])
+    ap.add_argument("--seqs", type=int, nargs="+", default=[128, 256, 512, 1024])
+    ap.add_argument("--out", default="bench_attention_short.json")
+    args = ap.parse_args()
+    from cs336_systems import flash_kernels as fk
+
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": {"H": H, "D": D, "tokens": TOKENS}}
+    if "kernels" in args.what:
+        results["kernels"] = kernels_table(fk, args.seqs)
+    if "configs" in args.what:
+        results["configs"] = configs_table(fk)
+    if "rope" in args.what:
+        results["rope"] = rope_table(fk)
+    if "layer" in args.what:
+        results["layer"] = layer_table()
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    print("wrote", args.out)
+
+
+if __name__ == "__main__":
+    main()
