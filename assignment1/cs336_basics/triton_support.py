@@ -14,6 +14,7 @@ from types import ModuleType
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 
 @functools.cache
@@ -112,7 +113,14 @@ def kernel_op(name: str, fake: Callable[..., Any]) -> Callable[[Callable[..., An
 
 def launch(kernel):
     """``kernel`` (a ``@triton.jit`` function or ``triton.autotune`` wrapper) ready to be indexed by a
-    grid and called, in code that a `kernel_op` body runs: wrapped with ``torch.library.wrap_triton``
-    so the launch can be traced, except under the interpreter. Called outside any tracing (eager
-    code calling the body directly) the wrapper just launches the kernel."""
-    return kernel if interpreting() else torch.library.wrap_triton(kernel)
+    grid and called, in code that a `kernel_op` body runs.
+
+    While the body is being traced (inductor runs it under a dispatch mode: fake and functional
+    tensors) it is wrapped with ``torch.library.wrap_triton`` so the launch is recorded. Otherwise
+    (eager code calling the body directly, the interpreter) it is the kernel itself: called on real
+    tensors, a wrapped kernel still goes through the higher-order op, which costs host time per launch
+    and builds a new autotuner each call, so an autotuned kernel was re-tuned at every launch
+    (~0.7 s per FlashAttention call on an H200, found by scripts/bench_attention_short.py)."""
+    if interpreting() or _get_current_dispatch_mode() is None:
+        return kernel
+    return torch.library.wrap_triton(kernel)
