@@ -6,7 +6,8 @@ q/k/v as ``(B, H, T, D)`` views of ``(B, T, H, D)`` buffers, as the model makes 
 median of ``triton.testing.do_bench`` for one attention layer (the model has 4).
 
 * ``kernels``: forward, the two-pass backward (``flash_bwd``) and the one-launch backward
-  (``flash_bwd_short``), autotuned, at T = 128..1024 (B = 32768 / T): where the short one pays off.
+  (``flash_bwd_short``), autotuned, at T = 128..1024 (B = 32768 / T, then B = 1): where the short
+  one pays off.
 * ``configs``: at T = 256, every forward and short-backward tile config forced in turn.
 * ``rope``: at T = 256, the RoPE kernels of ``fused_rope`` (q and k, forward and backward) against
   the forward and the short backward with RoPE applied inside them.
@@ -27,8 +28,8 @@ import torch
 H, D, TOKENS = 16, 32, 32768
 
 
-def make_qkv(t: int, grad: bool = False) -> tuple[torch.Tensor, ...]:
-    b = TOKENS // t
+def make_qkv(t: int, grad: bool = False, b: int | None = None) -> tuple[torch.Tensor, ...]:
+    b = b or TOKENS // t
     return tuple(torch.randn(b, t, H, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_(grad)
                  for _ in range(3))
 
@@ -39,11 +40,11 @@ def bench(fn, warmup=25, rep=100) -> float:
     return triton.testing.do_bench(fn, warmup=warmup, rep=rep)
 
 
-def kernel_row(fk, t: int) -> dict:
-    q, k, v = make_qkv(t)
+def kernel_row(fk, t: int, b: int | None = None) -> dict:
+    q, k, v = make_qkv(t, b=b)
     o, L = fk.flash_fwd(q, k, v, True)
     do = torch.randn_like(o)
-    return {"T": t, "B": TOKENS // t,
+    return {"T": t, "B": q.shape[0],
             "fwd_ms": bench(lambda: fk.flash_fwd(q, k, v, True)),
             "bwd_two_pass_ms": bench(lambda: fk.flash_bwd(q, k, v, o, L, do, True)),
             "bwd_short_ms": bench(lambda: fk.flash_bwd_short(q, k, v, o, L, do, True))}
@@ -51,9 +52,9 @@ def kernel_row(fk, t: int) -> dict:
 
 def kernels_table(fk, seqs) -> list[dict]:
     rows = []
-    for t in seqs:
-        rows.append(row := kernel_row(fk, t))
-        print(f"T={t:5d}  fwd {row['fwd_ms']:.4f}  bwd two-pass {row['bwd_two_pass_ms']:.4f}  "
+    for t, b in [(t, None) for t in seqs] + [(t, 1) for t in seqs]:  # B = 1: 16 programs for the short one
+        rows.append(row := kernel_row(fk, t, b))
+        print(f"T={t:5d} B={row['B']:4d}  fwd {row['fwd_ms']:.4f}  bwd two-pass {row['bwd_two_pass_ms']:.4f}  "
               f"short {row['bwd_short_ms']:.4f} ms", flush=True)
     return rows
 
