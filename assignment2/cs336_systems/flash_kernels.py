@@ -436,6 +436,7 @@ def _bwd_short(
         for start_m in range(lo, N_Q, BLOCK_M):
             offs_m = start_m + offs_mb
             in_q = offs_m < N_Q
+            keys_seen = tl.minimum(offs_m + 1, N_K) if IS_CAUSAL else tl.zeros_like(offs_m) + N_K
             q, do, lse2, delta = _load_q_rows(Q, DO, stride_qm, stride_dom, LSE2, Delta, offs_m, offs_d, N_Q, True)
             if ROPE:
                 q = _rope_rows(q, offs_m, N_Q, Pos, stride_pt, Cos, Sin, 1.0, BLOCK_M, HEAD_DIM).to(q.dtype)
@@ -448,19 +449,15 @@ def _bwd_short(
             dsT = pT * (dpT - delta[None, :])
             dk = tl.dot(dsT.to(q.dtype), q, dk)
             dq = tl.dot(tl.trans(dsT.to(k.dtype)), k)  # (BLOCK_M, HEAD_DIM)
+            if ROPE:  # (the scratch holds the rotated-back sum)
+                dq = _rope_rows(dq, offs_m, N_Q, Pos, stride_pt, Cos, Sin, -1.0, BLOCK_M, HEAD_DIM)
             acc_ptrs = DQacc + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
             after_first = (tl.zeros_like(offs_m) + start_n) > 0  # (as a vector: the interpreter's masks are arrays)
             dq += tl.load(acc_ptrs, mask=(in_q & after_first)[:, None], other=0.0)
-            last = start_n + BLOCK_N >= N_K  # the last key tile these queries see (BLOCK_M divides BLOCK_N)
-            if IS_CAUSAL:
-                last = last | (start_m < start_n + BLOCK_N)
-            if last:
-                if ROPE:  # the sum is rotated back once, as it is stored
-                    dq = _rope_rows(dq, offs_m, N_Q, Pos, stride_pt, Cos, Sin, -1.0, BLOCK_M, HEAD_DIM)
-                tl.store(DQ + offs_m[:, None] * stride_dqm + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
-                         mask=in_q[:, None])
-            else:
-                tl.store(acc_ptrs, dq, mask=in_q[:, None])
+            last = (keys_seen <= start_n + BLOCK_N) & in_q  # rows whose last visible key tile this is
+            tl.store(DQ + offs_m[:, None] * stride_dqm + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
+                     mask=last[:, None])
+            tl.store(acc_ptrs, dq, mask=(in_q & (last == 0))[:, None])
         if ROPE:
             dk = _rope_rows(dk, offs_n, N_K, Pos, stride_pt, Cos, Sin, -1.0, BLOCK_N, HEAD_DIM)
         tl.store(DK + offs_n[:, None] * stride_dkn + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty), mask=in_k)
