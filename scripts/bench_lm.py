@@ -20,7 +20,8 @@ Variants ``{impl}-{mode}[-{optimizer}[-{loss}[-{ops}[-{attn}]]]]``:
   ``model.COMPILED_KERNELS``, i.e. our RoPE operator, inductor the rest; both what the model runs on
   CUDA); attn ``sdpa`` (PyTorch's SDPA, its default backend: cuDNN on Hopper; default) or ``flash``
   (our Triton FlashAttention-2 of ``cs336_systems``, ``triton_op`` operators that inductor launches;
-  RoPE applied inside its kernels) or ``flashsep`` (the same with RoPE as its own kernels first).
+  RoPE applied inside its kernels) or ``flashsep`` (the same with RoPE as its own kernels first) or
+  ``flash2p`` (RoPE as its own kernels and the two-pass backward, ``SHORT_SEQ_MAX = 0``).
 - impl ``hf``: ``LlamaForCausalLM`` (``attn_implementation="sdpa"``, same initial weights), the loss
   it uses internally (``F.cross_entropy`` on fp32 logits), ``torch.nn.utils.clip_grad_norm_`` and
   ``torch.optim.AdamW(fused=True)``.
@@ -76,17 +77,21 @@ def make_variant(name: str, cfg, device):
     assert opt_impl in ("foreach", "fused") and loss_impl in ("torchce", "tritonce", "modelce", "headce"), name
     assert impl == "ours" or loss_impl == "torchce", name
     assert ops_impl in ("torchops", "tritonops"), name
-    assert attn in ("sdpa", "flash", "flashsep") and (impl == "ours" or attn == "sdpa"), name
+    assert attn in ("sdpa", "flash", "flashsep", "flash2p") and (impl == "ours" or attn == "sdpa"), name
     # read at every forward, holds until the next variant; compiled, only the kernels in
     # COMPILED_KERNELS replace inductor's fusion, and True keeps the fused LM head + loss of headce
     cs336_model.FUSED_KERNELS = ops_impl == "tritonops" or mode != "eager"
     cs336_model.COMPILED_KERNELS = {"fused_rope"} if ops_impl == "tritonops" else set()
     cs336_model.FUSED_LM_HEAD = loss_impl == "headce"  # modelce: the head GEMM + Triton loss, also compiled
     torch.manual_seed(0)
-    attn_backend = "flash" if attn == "flashsep" else attn
+    attn_backend = "flash" if attn.startswith("flash") else attn
+    if attn.startswith("flash"):  # read when the op bodies are traced (compiled) or called (eager)
+        from cs336_systems import flash_attention
+
+        flash_attention.SHORT_SEQ_MAX = 0 if attn == "flash2p" else 256
     model = build_model(cfg.replace(model_impl="cs336" if impl == "ours" else "hf-llama", attn_backend=attn_backend),
                         device)
-    if attn == "flashsep":  # RoPE as its own kernels before FlashAttention, not inside its kernels
+    if attn in ("flashsep", "flash2p"):  # RoPE as its own kernels before FlashAttention, not inside its kernels
         for module in model.modules():
             if hasattr(module, "attn_applies_rope"):
                 module.attn_applies_rope = False
