@@ -215,7 +215,7 @@ def _flash_bwd(
     from cs336_systems import flash_kernels
 
     args = (_as_4d(q), _as_4d(k), _as_4d(v), _as_4d(o), lse.view(-1, q.shape[-2]), _as_4d(do), is_causal)
-    if short_sequences(q, k):
+    if pos is not None or short_sequences(q, k):  # (RoPE inside: the forward checked the length)
         dq, dk, dv = flash_kernels.flash_bwd_short(*args, _rope(pos, cos, sin))
     else:
         dq, dk, dv = flash_kernels.flash_bwd(*args)
