@@ -22,6 +22,8 @@ from cs336_systems.flash_attention import (
     flash_bwd_op,
     flash_fwd_op,
 )
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 INTERPRETING = interpreting()
 interp_only = pytest.mark.skipif(not INTERPRETING, reason="runs in the TRITON_INTERPRET=1 child process")
@@ -177,6 +179,29 @@ def test_interp_rope_inside_kernels(positions, is_causal):
     for got, ref in ((o, o_ref), (q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
         assert rel_err(got, ref) < 1e-5
     assert all(x.transpose(1, 2).is_contiguous() for x in (o, q.grad, k.grad, v.grad))
+
+
+@interp_only
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n_q=st.integers(1, 80), n_k=st.integers(1, 80), is_causal=st.booleans(), use_rope=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_interp_short_backward_property(n_q, n_k, is_causal, use_rope, seed):
+    # any lengths (tiles of 16 x 32 in the interpreter: ragged, n_q != n_k, a query tile whose last
+    # visible key tile is not the diagonal one): the one-launch backward against fp64 attention
+    n_k = n_q if use_rope else n_k  # RoPE inside needs one position table for queries and keys
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, 2, n_q, 16, generator=g, requires_grad=True)
+    k, v = (torch.randn(1, 2, n_k, 16, generator=g, requires_grad=True) for _ in range(2))
+    rope, pos = (RotaryPositionalEmbedding(10000.0, 16, 80), torch.arange(n_q)) if use_rope else (None, None)
+    o = flash_attn_mha(q, k, v, is_causal, rope=rope, positions=pos)
+    do = torch.randn(o.shape, generator=g)
+    (o * do).sum().backward()
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    qr, kr = (rope_reference(q64, pos), rope_reference(k64, pos)) if use_rope else (q64, k64)
+    o_ref, _ = attention_reference(qr, kr, v64, is_causal)
+    (o_ref * do.double()).sum().backward()
+    for got, ref in ((o, o_ref), (q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
+        assert (got.double() - ref).abs().max().item() < 1e-5 * max(1.0, ref.abs().max().item())
 
 
 @interp_only
