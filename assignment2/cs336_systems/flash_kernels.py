@@ -163,6 +163,17 @@ def _fwd_kernel(
 
 
 @triton.jit
+def _store_delta_lse2(O, DO, stride_om, stride_dom, L, Delta, LSE2, offs_m, offs_d, N_Q):
+    """For rows ``offs_m`` of one (batch, head) (pointers already at its first row): Delta = rowsum(dO * O)
+    in fp32 and lse2 = L * log2(e), what both backwards read instead of O and L."""
+    in_q = offs_m < N_Q
+    o = tl.load(O + offs_m[:, None] * stride_om + offs_d[None, :], mask=in_q[:, None], other=0.0)
+    do = tl.load(DO + offs_m[:, None] * stride_dom + offs_d[None, :], mask=in_q[:, None], other=0.0)
+    tl.store(Delta + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1), mask=in_q)
+    tl.store(LSE2 + offs_m, tl.load(L + offs_m, mask=in_q, other=0.0) * 1.4426950408889634, mask=in_q)
+
+
+@triton.jit
 def _bwd_preprocess(
     O, DO, L, Delta, LSE2,
     stride_oz, stride_oh, stride_om,
@@ -174,17 +185,10 @@ def _bwd_preprocess(
     off_zh = tl.program_id(0)
     off_z = (off_zh // H).to(tl.int64)
     off_h = (off_zh % H).to(tl.int64)
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    in_q = offs_m < N_Q
-    o = tl.load(O + off_z * stride_oz + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
-                mask=in_q[:, None], other=0.0)
-    do = tl.load(DO + off_z * stride_doz + off_h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
-                 mask=in_q[:, None], other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
-    row = off_zh.to(tl.int64) * N_Q + offs_m
-    tl.store(Delta + row, delta, mask=in_q)
-    tl.store(LSE2 + row, tl.load(L + row, mask=in_q, other=0.0) * 1.4426950408889634, mask=in_q)
+    rows = off_zh.to(tl.int64) * N_Q
+    _store_delta_lse2(O + off_z * stride_oz + off_h * stride_oh, DO + off_z * stride_doz + off_h * stride_doh,
+                      stride_om, stride_dom, L + rows, Delta + rows, LSE2 + rows,
+                      tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M), tl.arange(0, HEAD_DIM), N_Q)
 
 
 @triton.jit
@@ -414,13 +418,8 @@ def _bwd_short(
     offs_d = tl.arange(0, HEAD_DIM)
     offs_mb = tl.arange(0, BLOCK_M)
 
-    for start_m in range(0, N_Q, BLOCK_M):  # prologue: Delta = rowsum(dO * O), lse2 = L * log2(e)
-        offs_m = start_m + offs_mb
-        in_q = offs_m < N_Q
-        o = tl.load(O + offs_m[:, None] * stride_om + offs_d[None, :], mask=in_q[:, None], other=0.0)
-        do = tl.load(DO + offs_m[:, None] * stride_dom + offs_d[None, :], mask=in_q[:, None], other=0.0)
-        tl.store(Delta + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1), mask=in_q)
-        tl.store(LSE2 + offs_m, tl.load(L + offs_m, mask=in_q, other=0.0) * 1.4426950408889634, mask=in_q)
+    for start_m in range(0, N_Q, BLOCK_M):  # prologue: `_bwd_preprocess` for this program's rows
+        _store_delta_lse2(O, DO, stride_om, stride_dom, L, Delta, LSE2, start_m + offs_mb, offs_d, N_Q)
     tl.debug_barrier()  # the rows written above are read below by other threads of the program
 
     for start_n in range(0, N_K, BLOCK_N):
