@@ -176,6 +176,11 @@ def short_sequences(q: torch.Tensor, k: torch.Tensor) -> bool:
     return max(q.shape[-2], k.shape[-2]) <= SHORT_SEQ_MAX
 
 
+def rope_fits_kernels(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether the kernels can apply RoPE: one position table for q and k, the one-launch backward."""
+    return q.shape == k.shape and short_sequences(q, k)
+
+
 def _like(t: torch.Tensor) -> torch.Tensor:
     """What the kernels allocate for an input ``t``: ``empty_like`` of the 4-d view they see."""
     return torch.empty_like(_as_4d(t)).view(t.shape)
@@ -238,7 +243,7 @@ class FlashAttentionTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, Q, K, V, is_causal=False, positions=None, cos=None, sin=None):
         _check_triton_inputs(Q, K, V)
-        if positions is not None and not (Q.shape == K.shape and short_sequences(Q, K)):
+        if positions is not None and not rope_fits_kernels(Q, K):
             raise ValueError(
                 f"RoPE inside the kernels needs q and k of one shape with at most {SHORT_SEQ_MAX} positions; "
                 f"got q {tuple(Q.shape)}, k {tuple(K.shape)}"
@@ -277,7 +282,7 @@ def flash_attn_mha(
         q, k, v = q.to(dt), k.to(dt), v.to(dt)
     triton_ok = triton_runs_on(q.device)
     if rope is not None:
-        if triton_ok and q.shape == k.shape and short_sequences(q, k):
+        if triton_ok and rope_fits_kernels(q, k):
             pos = torch.broadcast_to(positions, q.shape[:-1])
             return FlashAttentionTriton.apply(q, k, v, is_causal, pos, rope.cos, rope.sin)
         q, k = rope(q, positions), rope(k, positions)
