@@ -265,14 +265,15 @@ class MultiHeadSelfAttention(nn.Module):
         # (..., T, C) -> (..., H, T, D)
         q, k, v = (p(x).unflatten(-1, (self.num_heads, self.head_dim)).transpose(-3, -2)
                    for p in (self.q_proj, self.k_proj, self.v_proj))
+        attn_kw = {}
         if self.rope is not None:
             if token_positions is None:
                 token_positions = torch.arange(past, past + t, device=x.device)
             pos = token_positions.unsqueeze(-2) if token_positions.dim() > 1 else token_positions  # (..., 1, T)
             if self.attn_applies_rope and kv_cache is None:
-                o = self.attn_fn(q, k, v, t > 1, rope=self.rope, positions=pos)
-                return self.output_proj(o.transpose(-3, -2).flatten(-2))
-            q, k = self.rope(q, pos), self.rope(k, pos)
+                attn_kw = {"rope": self.rope, "positions": pos}
+            else:
+                q, k = self.rope(q, pos), self.rope(k, pos)
         attn_fn = self.attn_fn
         if kv_cache is not None:
             kv_cache.k[layer_idx, ..., past:past + t, :] = k
@@ -281,7 +282,7 @@ class MultiHeadSelfAttention(nn.Module):
             v = kv_cache.v[layer_idx, ..., :past + t, :].to(q.dtype)
             if past and t > 1:  # fused kernels align is_causal top-left; ours aligns bottom-right
                 attn_fn = math_attention
-        o = attn_fn(q, k, v, t > 1)  # (..., H, T, D); one query needs no mask
+        o = attn_fn(q, k, v, t > 1, **attn_kw)  # (..., H, T, D); one query needs no mask
         return self.output_proj(o.transpose(-3, -2).flatten(-2))  # (..., T, C)
 
 
