@@ -286,40 +286,25 @@ def test_interp_flash_attn_mha_under_torch_compile():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_flash_attn_mha_under_inductor_on_gpu():
+@pytest.mark.parametrize("use_rope", [False, True])
+def test_flash_attn_mha_under_inductor_on_gpu(use_rope):
     # the real path: inductor traces the triton_ops and launches the kernels itself (the interpreter
-    # twin above runs them as opaque custom ops); bf16 at the tinystories-17m attention shape
-    g = torch.Generator(device="cuda").manual_seed(2)
-    q, k, v = (torch.randn(4, 256, 16, 32, generator=g, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
-               .requires_grad_() for _ in range(3))
-    do = torch.randn(4, 16, 256, 32, generator=g, device="cuda", dtype=torch.bfloat16)
-    compiled = torch.compile(lambda a, b, c: flash_attn_mha(a, b, c, True) * 2, fullgraph=True)
-    o = compiled(q, k, v)
-    (o * do).sum().backward()
-    q64, k64, v64 = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
-    o_ref, _ = attention_reference(q64, k64, v64, True)
-    (2 * o_ref * do.cpu().double()).sum().backward()
-    for got, ref in ((o, 2 * o_ref), (q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
-        assert rel_err(got.cpu(), ref) < 2e-2
-    assert all(t.transpose(1, 2).is_contiguous() for t in (o, q.grad, k.grad, v.grad))
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_rope_inside_kernels_under_inductor_on_gpu():
-    # the model's compiled path: RoPE inside the forward and the one-launch backward, launched by inductor
-    g = torch.Generator(device="cuda").manual_seed(6)
+    # twin above runs them as opaque custom ops); bf16 at the tinystories-17m attention shape, which
+    # takes the one-launch backward; use_rope: RoPE inside the forward and that backward (the model's path)
+    g = torch.Generator(device="cuda").manual_seed(6 if use_rope else 2)
     q, k, v = (torch.randn(4, 256, 16, 32, generator=g, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
                .requires_grad_() for _ in range(3))
     do = torch.randn(4, 16, 256, 32, generator=g, device="cuda", dtype=torch.bfloat16)
     rope, pos = RotaryPositionalEmbedding(10000.0, 32, 256, device="cuda"), torch.arange(256, device="cuda")
-    compiled = torch.compile(lambda a, b, c: flash_attn_mha(a, b, c, True, rope=rope, positions=pos), fullgraph=True)
+    kw = {"rope": rope, "positions": pos} if use_rope else {}
+    compiled = torch.compile(lambda a, b, c: flash_attn_mha(a, b, c, True, **kw) * 2, fullgraph=True)
     o = compiled(q, k, v)
     (o * do).sum().backward()
     q64, k64, v64 = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
-    o_ref, _ = attention_reference(rope_reference(q64, pos.cpu()), rope_reference(k64, pos.cpu()), v64, True)
-    (o_ref * do.cpu().double()).sum().backward()
-    for got, ref in ((o, o_ref), (q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
+    qr, kr = (rope_reference(q64, pos.cpu()), rope_reference(k64, pos.cpu())) if use_rope else (q64, k64)
+    o_ref, _ = attention_reference(qr, kr, v64, True)
+    (2 * o_ref * do.cpu().double()).sum().backward()
+    for got, ref in ((o, 2 * o_ref), (q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
         assert rel_err(got.cpu(), ref) < 2e-2
     assert all(t.transpose(1, 2).is_contiguous() for t in (o, q.grad, k.grad, v.grad))
 
