@@ -1,19 +1,20 @@
 """Attention at the tinystories-17m shape on one GPU: where the per-step attention time goes and
-what the one-launch short-sequence backward and RoPE-inside-the-kernels save.
+what the short-sequence kernels (the one-launch backward, the whole-sequence forward and backward)
+and RoPE inside the kernels save.
 
 Shape: bf16, causal, 16 heads of d = 32, B*T = 32,768 tokens (the course's batch 128 x context 256),
 q/k/v as ``(B, H, T, D)`` views of ``(B, T, H, D)`` buffers, as the model makes them. Times are the
 median of ``triton.testing.do_bench`` for one attention layer (the model has 4).
 
-* ``kernels``: forward, the two-pass backward (``flash_bwd``) and the one-launch backward
-  (``flash_bwd_short``), autotuned, at T = 128..1024 (B = 32768 / T, then B = 1): where the short
-  one pays off.
-* ``configs``: at T = 256, every forward and short-backward tile config forced in turn.
+* ``kernels``: the tiled forward, the two-pass backward (``flash_bwd``), the one-launch backward
+  (``flash_bwd_short``) and, up to T = 256, the whole-sequence forward and backward
+  (``flash_kernels_whole``), autotuned, at T = 128..1024 (B = 32768 / T, then B = 1).
+* ``configs``: at T = 256, every tile config of the short-sequence kernels forced in turn.
 * ``rope``: at T = 256, the RoPE kernels of ``fused_rope`` (q and k, forward and backward) against
-  the forward and the short backward with RoPE applied inside them.
+  the kernels with RoPE applied inside them.
 * ``layer``: at T = 256, forward + backward through autograd of RoPE + attention: SDPA with our RoPE
-  kernels, FlashAttention (two-pass, short) with them, and short with RoPE inside; plus the bf16
-  errors of the last against the first two in float64.
+  kernels, FlashAttention (two-pass, short) with them, short and whole with RoPE inside; plus the
+  bf16 errors of each against float64.
 
     PYTHONPATH=assignment1:assignment2 python3 scripts/bench_attention_short.py --out short.json
 """
@@ -40,43 +41,52 @@ def bench(fn, warmup=25, rep=100) -> float:
     return triton.testing.do_bench(fn, warmup=warmup, rep=rep)
 
 
-def kernel_row(fk, t: int, b: int | None = None) -> dict:
+def kernel_row(fk, fw, t: int, b: int | None = None) -> dict:
     q, k, v = make_qkv(t, b=b)
     o, L = fk.flash_fwd(q, k, v, True)
     do = torch.randn_like(o)
-    return {"T": t, "B": q.shape[0],
-            "fwd_ms": bench(lambda: fk.flash_fwd(q, k, v, True)),
-            "bwd_two_pass_ms": bench(lambda: fk.flash_bwd(q, k, v, o, L, do, True)),
-            "bwd_short_ms": bench(lambda: fk.flash_bwd_short(q, k, v, o, L, do, True))}
+    row = {"T": t, "B": q.shape[0],
+           "fwd_ms": bench(lambda: fk.flash_fwd(q, k, v, True)),
+           "bwd_two_pass_ms": bench(lambda: fk.flash_bwd(q, k, v, o, L, do, True)),
+           "bwd_short_ms": bench(lambda: fk.flash_bwd_short(q, k, v, o, L, do, True)),
+           "fwd_whole_ms": None, "bwd_whole_ms": None}
+    if t <= 256:  # (longer: the resident tiles outgrow the registers)
+        row["fwd_whole_ms"] = bench(lambda: fw.flash_fwd_whole(q, k, v, True))
+        row["bwd_whole_ms"] = bench(lambda: fw.flash_bwd_whole(q, k, v, o, L, do, True))
+    return row
 
 
-def kernels_table(fk, seqs) -> list[dict]:
+def kernels_table(fk, fw, seqs) -> list[dict]:
     rows = []
     for t, b in [(t, None) for t in seqs] + [(t, 1) for t in seqs]:  # B = 1: 16 programs for the short one
-        rows.append(row := kernel_row(fk, t, b))
-        print(f"T={t:5d} B={row['B']:4d}  fwd {row['fwd_ms']:.4f}  bwd two-pass {row['bwd_two_pass_ms']:.4f}  "
-              f"short {row['bwd_short_ms']:.4f} ms", flush=True)
+        rows.append(row := kernel_row(fk, fw, t, b))
+        print(f"T={t:5d} B={row['B']:4d}  fwd {row['fwd_ms']:.4f} whole {row['fwd_whole_ms'] or 0:.4f}  "
+              f"bwd two-pass {row['bwd_two_pass_ms']:.4f} short {row['bwd_short_ms']:.4f} "
+              f"whole {row['bwd_whole_ms'] or 0:.4f} ms", flush=True)
     return rows
 
 
-def configs_table(fk, t=256) -> dict:
+def configs_table(fk, fw, t=256) -> dict:
     q, k, v = make_qkv(t)
     o, L = fk.flash_fwd(q, k, v, True)
     do = torch.randn_like(o)
     out = {}
-    for name, configs, fn in (("fwd", fk.FWD_CONFIGS, lambda: fk.flash_fwd(q, k, v, True)),
-                              ("short", fk.SHORT_CONFIGS, lambda: fk.flash_bwd_short(q, k, v, o, L, do, True))):
+    for name, fn in (("fwd", lambda: fk.flash_fwd(q, k, v, True)),
+                     ("short", lambda: fk.flash_bwd_short(q, k, v, o, L, do, True)),
+                     ("fwd_whole", lambda: fw.flash_fwd_whole(q, k, v, True)),
+                     ("bwd_whole", lambda: fw.flash_bwd_whole(q, k, v, o, L, do, True))):
         out[name] = {}
-        for cfg in fk._candidates(configs, D, torch.bfloat16):
+        configs, candidates = fk._CONFIG_LISTS[name]
+        for cfg in candidates(configs, D, torch.bfloat16):
             fk.FORCE_CONFIG[name] = cfg
             out[name][fk.config_name(cfg)] = ms = bench(fn)
-            print(f"{name:5s} {fk.config_name(cfg):14s} {ms:.4f} ms", flush=True)
+            print(f"{name:9s} {fk.config_name(cfg):14s} {ms:.4f} ms", flush=True)
         fk.FORCE_CONFIG.clear()
     out["autotuned"] = fk.best_configs()
     return out
 
 
-def rope_table(fk, t=256) -> dict:
+def rope_table(fk, fw, t=256) -> dict:
     from cs336_basics import fused_rope
     from cs336_basics.model import RotaryPositionalEmbedding
 
@@ -92,6 +102,10 @@ def rope_table(fk, t=256) -> dict:
         "fwd_rope_inside_ms": bench(lambda: fk.flash_fwd(q, k, v, True, tables)),
         "bwd_short_ms": bench(lambda: fk.flash_bwd_short(q, k, v, o, L, do, True)),
         "bwd_short_rope_inside_ms": bench(lambda: fk.flash_bwd_short(q, k, v, o, L, do, True, tables)),
+        "fwd_whole_ms": bench(lambda: fw.flash_fwd_whole(q, k, v, True)),
+        "fwd_whole_rope_inside_ms": bench(lambda: fw.flash_fwd_whole(q, k, v, True, tables)),
+        "bwd_whole_ms": bench(lambda: fw.flash_bwd_whole(q, k, v, o, L, do, True)),
+        "bwd_whole_rope_inside_ms": bench(lambda: fw.flash_bwd_whole(q, k, v, o, L, do, True, tables)),
     }
     for key, ms in row.items():
         print(f"{key:28s} {ms:.4f} ms", flush=True)
@@ -116,11 +130,15 @@ def layer_table(t=256) -> dict:
     def flash_rope_inside(q, k, v):
         return fa.flash_attn_mha(q, k, v, True, rope=rope, positions=pos)
 
-    variants = {"sdpa + rope kernels": (sdpa, 256), "flash two-pass + rope kernels": (flash_rope_outside, 0),
-                "flash short + rope kernels": (flash_rope_outside, 256), "flash short, rope inside": (flash_rope_inside, 256)}
+    whole_bytes = fa.WHOLE_SEQ_BYTES
+    variants = {"sdpa + rope kernels": (sdpa, 0, 256), "flash two-pass + rope kernels": (flash_rope_outside, 0, 0),
+                "flash short + rope kernels": (flash_rope_outside, 0, 256),
+                "flash short, rope inside": (flash_rope_inside, 0, 256),
+                "flash whole + rope kernels": (flash_rope_outside, whole_bytes, 256),
+                "flash whole, rope inside": (flash_rope_inside, whole_bytes, 256)}
     out, grads = {}, {}
-    for name, (fn, short_max) in variants.items():
-        fa.SHORT_SEQ_MAX = short_max
+    for name, (fn, whole_max, short_max) in variants.items():
+        fa.WHOLE_SEQ_BYTES, fa.SHORT_SEQ_MAX = whole_max, short_max
 
         def step(fn=fn):
             for x in (q, k, v):
@@ -131,7 +149,7 @@ def layer_table(t=256) -> dict:
         step()
         grads[name] = [x.grad.clone() for x in (q, k, v)]
         print(f"{name:30s} fwd+bwd {out[name]:.4f} ms", flush=True)
-    fa.SHORT_SEQ_MAX = 256
+    fa.WHOLE_SEQ_BYTES, fa.SHORT_SEQ_MAX = whole_bytes, 256
     # errors in float64 on 8 heads' worth of batch
     qs, ks, vs = (x.detach()[:4].double().requires_grad_() for x in (q, k, v))
     rope64 = RotaryPositionalEmbedding(10000.0, D, t, device="cuda")
@@ -157,14 +175,15 @@ def main() -> None:
     ap.add_argument("--out", default="bench_attention_short.json")
     args = ap.parse_args()
     from cs336_systems import flash_kernels as fk
+    from cs336_systems import flash_kernels_whole as fw
 
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": {"H": H, "D": D, "tokens": TOKENS}}
     if "kernels" in args.what:
-        results["kernels"] = kernels_table(fk, args.seqs)
+        results["kernels"] = kernels_table(fk, fw, args.seqs)
     if "configs" in args.what:
-        results["configs"] = configs_table(fk)
+        results["configs"] = configs_table(fk, fw)
     if "rope" in args.what:
-        results["rope"] = rope_table(fk)
+        results["rope"] = rope_table(fk, fw)
     if "layer" in args.what:
         results["layer"] = layer_table()
     with open(args.out, "w") as f:

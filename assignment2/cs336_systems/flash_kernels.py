@@ -498,7 +498,7 @@ SHORT_CONFIGS = [
     _cfg(32, 32, 4, 2), _cfg(16, 16, 4, 2),
 ]
 # (BLOCK_M, BLOCK_N) in the interpreter: small, so CPU tests cross several tiles at tiny sizes
-INTERPRET_TILES = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16), "short": (16, 32)}
+INTERPRET_TILES = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16), "short": (16, 32)}  # (BLOCK_M, BLOCK_N)
 MAX_TUNED_CONFIGS = 6
 SMEM_BYTES = 227 * 1024  # H100 per-block limit
 
@@ -531,39 +531,43 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _prune(configs, named_args, **kwargs):
-    return _candidates(configs, kwargs["HEAD_DIM"], named_args["Q"].dtype)[:MAX_TUNED_CONFIGS]
-
-
 _KEY = ["N_Q", "N_K", "HEAD_DIM", "IS_CAUSAL"]
 _tuned: dict[str, object] = {}
+_CONFIG_LISTS: dict[str, tuple] = {}  # kernel name -> (configs, candidates function), filled by `_launcher`
 # Testing hooks (scripts/gpu_flash_check.py, flash_bench): run a given config per kernel name
 # ("fwd", "dkdv", "dq") instead of tuning; fill every output with NaN before the kernels write it.
 FORCE_CONFIG: dict[str, triton.Config] = {}
 POISON_OUTPUTS = False
 
 
-def _launcher(name: str, kernel, configs: list[triton.Config]):
+def _launcher(name: str, kernel, configs: list[triton.Config], interpret_meta: dict | None = None,
+              candidates=_candidates):
     """Returns ``run(grid_fn, *args, HEAD_DIM=..., IS_CAUSAL=..., dtype=..., **constexprs)`` for one
-    kernel (``constexprs``: its other compile-time flags, e.g. ``ROPE``).
+    kernel (``constexprs``: its other compile-time flags, e.g. ``ROPE``). ``interpret_meta``: the
+    tile constexprs in the interpreter (default ``INTERPRET_TILES[name]``); ``candidates(configs,
+    head_dim, dtype)``: the configs that fit, in preference order.
 
     The autotuned wrapper is built lazily (never in the interpreter, whose launches cannot be timed).
     """
 
+    _CONFIG_LISTS[name] = (configs, candidates)
+
+    def prune(configs, named_args, **kwargs):
+        return candidates(configs, kwargs["HEAD_DIM"], named_args["Q"].dtype)[:MAX_TUNED_CONFIGS]
+
     def run(grid_fn, *args, HEAD_DIM: int, IS_CAUSAL: bool, dtype: torch.dtype, **constexprs):
         consts = {"HEAD_DIM": HEAD_DIM, "IS_CAUSAL": IS_CAUSAL, **constexprs}
         if _interpreting():
-            bm, bn = INTERPRET_TILES[name]
-            meta = {"BLOCK_M": bm, "BLOCK_N": bn}
+            meta = interpret_meta or dict(zip(("BLOCK_M", "BLOCK_N"), INTERPRET_TILES[name], strict=True))
             launch(kernel)[grid_fn(meta)](*args, **consts, **meta)
         elif _autotune_enabled() and name not in FORCE_CONFIG:
             if name not in _tuned:
-                _tuned[name] = triton.autotune(configs, key=_KEY, prune_configs_by={"early_config_prune": _prune})(
+                _tuned[name] = triton.autotune(configs, key=_KEY, prune_configs_by={"early_config_prune": prune})(
                     kernel
                 )
             launch(_tuned[name])[grid_fn](*args, **consts)
         else:
-            cfg = FORCE_CONFIG.get(name) or _candidates(configs, HEAD_DIM, dtype)[0]
+            cfg = FORCE_CONFIG.get(name) or candidates(configs, HEAD_DIM, dtype)[0]
             launch(kernel)[grid_fn(cfg.kwargs)](
                 *args, **consts, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.kwargs
             )
@@ -581,14 +585,13 @@ def force_candidate(index: int | None, head_dim: int = 0, dtype: torch.dtype | N
     """Run every kernel with its `index`-th candidate (clamped) for this head dim and dtype; None: stop forcing."""
     FORCE_CONFIG.clear()
     if index is not None:
-        for name, configs in (("fwd", FWD_CONFIGS), ("dkdv", DKDV_CONFIGS), ("dq", DQ_CONFIGS),
-                              ("short", SHORT_CONFIGS)):
-            cands = _candidates(configs, head_dim, dtype)
+        for name, (configs, candidates) in _CONFIG_LISTS.items():
+            cands = candidates(configs, head_dim, dtype)
             FORCE_CONFIG[name] = cands[min(index, len(cands) - 1)]
 
 
 def config_name(cfg: triton.Config) -> str:
-    return f"{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']}/w{cfg.num_warps}/s{cfg.num_stages}"
+    return f"{'x'.join(map(str, cfg.kwargs.values()))}/w{cfg.num_warps}/s{cfg.num_stages}"
 
 
 def best_configs() -> dict[str, dict]:

@@ -139,10 +139,28 @@ def test_triton_rejects_unsupported_inputs():
 # --------------------------------------------------------------------------------- Triton
 
 
-@pytest.fixture(params=["two_pass", "short"])
+# (WHOLE_SEQ_BYTES, SHORT_SEQ_MAX) that make the small test shapes take each set of kernels:
+# the tiled forward with the two-pass or the one-launch backward, or the whole-sequence kernels
+KERNEL_KINDS = {"two_pass": (0, 0), "short": (0, 256), "whole": (2**30, 0)}
+
+
+def use_kernels(monkeypatch, kind: str) -> None:
+    whole_bytes, short_max = KERNEL_KINDS[kind]
+    monkeypatch.setattr(flash_attention, "WHOLE_SEQ_BYTES", whole_bytes)
+    monkeypatch.setattr(flash_attention, "SHORT_SEQ_MAX", short_max)
+
+
+@pytest.fixture(params=list(KERNEL_KINDS))
 def backward_kind(request, monkeypatch):
-    """Both backwards at the same small shapes: the one-launch one is taken up to SHORT_SEQ_MAX."""
-    monkeypatch.setattr(flash_attention, "SHORT_SEQ_MAX", 0 if request.param == "two_pass" else 256)
+    """Every kernel set at the same small shapes."""
+    use_kernels(monkeypatch, request.param)
+    return request.param
+
+
+@pytest.fixture(params=["short", "whole"])
+def rotating_kind(request, monkeypatch):
+    """The kernel sets that apply RoPE inside (their backward rotates)."""
+    use_kernels(monkeypatch, request.param)
     return request.param
 
 
@@ -162,7 +180,7 @@ def test_interp_triton_odd_grad_layouts(grad_layout, backward_kind):
 @interp_only
 @pytest.mark.parametrize("positions", ["arange", "per_batch"])
 @pytest.mark.parametrize("is_causal", [False, True])
-def test_interp_rope_inside_kernels(positions, is_causal):
+def test_interp_rope_inside_kernels(positions, is_causal, rotating_kind):
     # q, k rotated as the kernels load them, gradients rotated back: against RoPE's formula + attention in fp64
     g = torch.Generator().manual_seed(3)
     b, t, h, d = 2, 45, 3, 16
@@ -185,9 +203,10 @@ def test_interp_rope_inside_kernels(positions, is_causal):
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(n_q=st.integers(1, 80), n_k=st.integers(1, 80), is_causal=st.booleans(), use_rope=st.booleans(),
        seed=st.integers(0, 2**16))
-def test_interp_short_backward_property(n_q, n_k, is_causal, use_rope, seed):
+def test_interp_short_kernels_property(n_q, n_k, is_causal, use_rope, seed, rotating_kind):
     # any lengths (tiles of 16 x 32 in the interpreter: ragged, n_q != n_k, a query tile whose last
-    # visible key tile is not the diagonal one): the one-launch backward against fp64 attention
+    # visible key tile is not the diagonal one; whole sequences padded to a power of two): the
+    # one-launch backward and the whole-sequence kernels against fp64 attention
     n_k = n_q if use_rope else n_k  # RoPE inside needs one position table for queries and keys
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(1, 2, n_q, 16, generator=g, requires_grad=True)
@@ -206,12 +225,14 @@ def test_interp_short_backward_property(n_q, n_k, is_causal, use_rope, seed):
 
 @interp_only
 def test_interp_rope_outside_kernels_for_long_sequences(monkeypatch):
-    # past SHORT_SEQ_MAX the two-pass backward runs, and RoPE runs as the module first: same numbers
+    # past SHORT_SEQ_MAX (and WHOLE_SEQ_BYTES) the two-pass backward runs, and RoPE runs as the module
+    # first: same numbers
     g = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(1, 2, 40, 16, generator=g, requires_grad=True) for _ in range(3))
     rope, pos = RotaryPositionalEmbedding(10000.0, 16, 40), torch.arange(40)
     inside = flash_attn_mha(q, k, v, True, rope=rope, positions=pos)
     monkeypatch.setattr(flash_attention, "SHORT_SEQ_MAX", 16)
+    monkeypatch.setattr(flash_attention, "WHOLE_SEQ_BYTES", 0)
     outside = flash_attn_mha(q, k, v, True, rope=rope, positions=pos)
     assert not any(t.dtype == torch.int64 for t in outside.grad_fn.saved_tensors)
     torch.testing.assert_close(inside, outside, atol=1e-5, rtol=1e-5)
@@ -253,7 +274,7 @@ def test_interp_flash_attn_mha_strided_heads():
 
 
 @interp_only
-def test_interp_custom_ops_pass_opcheck():
+def test_interp_custom_ops_pass_opcheck(rotating_kind):
     # schema, fake (meta) implementation against the real one, autograd registration, AOT dispatch
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 40, 16, generator=g) for _ in range(3))
@@ -282,6 +303,20 @@ def test_interp_flash_attn_mha_under_torch_compile():
         assert rel_err(got, ref) < 1e-5
     # outputs and gradients keep the (B, T, H, D) layout of the inputs: no transpose copies around attention
     assert all(t.transpose(1, 2).is_contiguous() for t in (o, q.grad, k.grad, v.grad))
+
+
+def test_kernel_choice_by_sequence_length():
+    # the tinystories-17m attention (bf16, T = 256, d = 32) fits the whole-sequence kernels; longer or
+    # wider heads, or fp32, take the tiled kernels (one-launch backward up to SHORT_SEQ_MAX)
+    def qk(t, d=32, dtype=torch.bfloat16):
+        x = torch.empty(2, 16, t, d, dtype=dtype, device="meta")
+        return x, x
+
+    assert flash_attention.whole_sequences(*qk(256)) and flash_attention.whole_sequences(*qk(200))
+    assert not flash_attention.whole_sequences(*qk(257)) and flash_attention.short_sequences(*qk(256))
+    assert not flash_attention.whole_sequences(*qk(256, dtype=torch.float32))
+    assert flash_attention.whole_sequences(*qk(128, 64)) and not flash_attention.whole_sequences(*qk(256, 64))
+    assert flash_attention.rope_fits_kernels(*qk(256)) and not flash_attention.rope_fits_kernels(*qk(512))
 
 
 @pytest.mark.gpu
