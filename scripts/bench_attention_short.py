@@ -67,20 +67,29 @@ def kernels_table(fk, fw, seqs) -> list[dict]:
 
 
 def configs_table(fk, fw, t=256) -> dict:
+    """Every candidate config of the short-sequence kernels forced in turn, without and with RoPE inside,
+    plus register-capped forward configs (not in the forward's list, which serves long sequences too)."""
+    from cs336_basics.model import RotaryPositionalEmbedding
+
     q, k, v = make_qkv(t)
+    rope = RotaryPositionalEmbedding(10000.0, D, t, device="cuda")
+    tables = (torch.arange(t, device="cuda").expand(q.shape[:-1]), rope.cos, rope.sin)
     o, L = fk.flash_fwd(q, k, v, True)
     do = torch.randn_like(o)
+    extra = {"fwd": [fk._cfg(128, 32, 4, 3, 168), fk._cfg(128, 32, 4, 3, 128), fk._cfg(64, 64, 4, 3, 128),
+                     fk._cfg(64, 32, 4, 3, 128)]}
     out = {}
-    for name, fn in (("fwd", lambda: fk.flash_fwd(q, k, v, True)),
-                     ("short", lambda: fk.flash_bwd_short(q, k, v, o, L, do, True)),
-                     ("fwd_whole", lambda: fw.flash_fwd_whole(q, k, v, True)),
-                     ("bwd_whole", lambda: fw.flash_bwd_whole(q, k, v, o, L, do, True))):
+    for name, fn in (("fwd", lambda r: fk.flash_fwd(q, k, v, True, r)),
+                     ("short", lambda r: fk.flash_bwd_short(q, k, v, o, L, do, True, r)),
+                     ("fwd_whole", lambda r: fw.flash_fwd_whole(q, k, v, True, r)),
+                     ("bwd_whole", lambda r: fw.flash_bwd_whole(q, k, v, o, L, do, True, r))):
         out[name] = {}
         configs, candidates = fk._CONFIG_LISTS[name]
-        for cfg in candidates(configs, D, torch.bfloat16):
+        for cfg in candidates(configs, D, torch.bfloat16) + extra.get(name, []):
             fk.FORCE_CONFIG[name] = cfg
-            out[name][fk.config_name(cfg)] = ms = bench(fn)
-            print(f"{name:9s} {fk.config_name(cfg):14s} {ms:.4f} ms", flush=True)
+            row = out[name][fk.config_name(cfg)] = {"ms": bench(lambda: fn(None)), "rope_inside_ms": bench(lambda: fn(tables))}
+            print(f"{name:9s} {fk.config_name(cfg):18s} {row['ms']:.4f} ms, RoPE inside {row['rope_inside_ms']:.4f} ms",
+                  flush=True)
         fk.FORCE_CONFIG.clear()
     out["autotuned"] = fk.best_configs()
     return out

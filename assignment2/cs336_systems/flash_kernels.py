@@ -468,8 +468,10 @@ def _bwd_short(
 # tile configs and autotuning
 
 
-def _cfg(bm: int, bn: int, warps: int, stages: int) -> triton.Config:
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+def _cfg(bm: int, bn: int, warps: int, stages: int, maxnreg: int | None = None) -> triton.Config:
+    """``maxnreg``: registers per thread at most (ptxas otherwise takes up to 255, which can leave
+    room for only two 4-warp programs per SM)."""
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages, maxnreg=maxnreg)
 
 
 # Candidates per kernel, best guess first (the first one that fits is used untuned; the autotuner
@@ -492,9 +494,11 @@ DQ_CONFIGS = [
     _cfg(64, 64, 4, 3), _cfg(64, 64, 4, 4), _cfg(128, 64, 8, 4), _cfg(128, 128, 8, 2), _cfg(64, 32, 4, 2),
     _cfg(32, 32, 4, 2), _cfg(16, 16, 4, 2),
 ]
-# the one-program-per-head backward (``_bwd_short``): BLOCK_N a multiple of BLOCK_M; not yet timed
+# the one-program-per-head backward (``_bwd_short``): BLOCK_N a multiple of BLOCK_M. 64x64/w4 compiles
+# to ~250 registers per thread (two programs per SM); capped at 168 (three) or 128 (four) it spills a little
 SHORT_CONFIGS = [
-    _cfg(64, 64, 4, 2), _cfg(64, 64, 4, 3), _cfg(32, 64, 4, 2), _cfg(64, 128, 8, 2), _cfg(32, 128, 4, 2),
+    _cfg(64, 64, 4, 2), _cfg(64, 64, 4, 2, 168), _cfg(64, 64, 4, 2, 128), _cfg(64, 64, 4, 3, 168),
+    _cfg(32, 64, 4, 2, 128), _cfg(64, 64, 4, 3), _cfg(32, 64, 4, 2), _cfg(64, 128, 8, 2), _cfg(32, 128, 4, 2),
     _cfg(32, 32, 4, 2), _cfg(16, 16, 4, 2),
 ]
 # (BLOCK_M, BLOCK_N) in the interpreter: small, so CPU tests cross several tiles at tiny sizes
@@ -568,8 +572,9 @@ def _launcher(name: str, kernel, configs: list[triton.Config], interpret_meta: d
             launch(_tuned[name])[grid_fn](*args, **consts)
         else:
             cfg = FORCE_CONFIG.get(name) or candidates(configs, HEAD_DIM, dtype)[0]
+            options = {"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}
             launch(kernel)[grid_fn(cfg.kwargs)](
-                *args, **consts, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.kwargs
+                *args, **consts, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **options, **cfg.kwargs
             )
 
     return run
@@ -591,7 +596,8 @@ def force_candidate(index: int | None, head_dim: int = 0, dtype: torch.dtype | N
 
 
 def config_name(cfg: triton.Config) -> str:
-    return f"{'x'.join(map(str, cfg.kwargs.values()))}/w{cfg.num_warps}/s{cfg.num_stages}"
+    regs = f"/r{cfg.maxnreg}" if cfg.maxnreg else ""
+    return f"{'x'.join(map(str, cfg.kwargs.values()))}/w{cfg.num_warps}/s{cfg.num_stages}{regs}"
 
 
 def best_configs() -> dict[str, dict]:

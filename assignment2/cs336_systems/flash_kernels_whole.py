@@ -165,15 +165,17 @@ def _bwd_whole(
              mask=in_q[:, None])
 
 
-def _cfg(name: str, block: int, warps: int, stages: int) -> triton.Config:
-    return triton.Config({name: block}, num_warps=warps, num_stages=stages)
+def _cfg(name: str, block: int, warps: int, stages: int, maxnreg: int | None = None) -> triton.Config:
+    return triton.Config({name: block}, num_warps=warps, num_stages=stages, maxnreg=maxnreg)
 
 
-# best guess first; the autotuner times them all (not yet timed on a GPU at the time of writing)
-FWD_WHOLE_CONFIGS = [_cfg("BLOCK_M", bm, w, s) for bm, w, s in
-                     ((64, 8, 2), (64, 4, 2), (128, 8, 2), (32, 4, 2), (128, 4, 2), (16, 4, 2))]
-BWD_WHOLE_CONFIGS = [_cfg("BLOCK_N", bn, w, s) for bn, w, s in
-                     ((32, 8, 2), (16, 8, 2), (64, 8, 2), (32, 4, 2), (16, 4, 2), (32, 8, 1))]
+# fastest first at T = 256, d = 32 on an H200 (docs/benchmarks.md, "Short sequences"); the autotuner times them all
+FWD_WHOLE_CONFIGS = [_cfg("BLOCK_M", bm, w, s, r) for bm, w, s, r in
+                     ((64, 4, 2, None), (64, 4, 3, None), (128, 4, 2, None), (64, 4, 2, 168), (128, 8, 2, None),
+                      (32, 4, 2, None))]
+BWD_WHOLE_CONFIGS = [_cfg("BLOCK_N", bn, w, s, r) for bn, w, s, r in
+                     ((64, 8, 2, None), (32, 4, 2, None), (64, 8, 3, None), (16, 4, 2, None), (32, 8, 2, None),
+                      (16, 8, 2, None))]
 
 
 def _all(configs: list[triton.Config], head_dim: int, dtype: torch.dtype) -> list[triton.Config]:
