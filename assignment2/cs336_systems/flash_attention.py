@@ -175,7 +175,7 @@ def _as_4d(t: torch.Tensor) -> torch.Tensor:
 # * else sequences up to SHORT_SEQ_MAX take the tiled forward and the one-launch backward
 #   (``flash_kernels.flash_bwd_short``: one program per (batch, head), P computed once per tile pair);
 # * else the tiled forward and the two-pass backward.
-WHOLE_SEQ_BYTES = 16384
+WHOLE_SEQ_BYTES = 8192  # T <= 128 at d = 32 in bf16: faster there than the tiled kernels, slower at T = 256 (H200)
 SHORT_SEQ_MAX = 256
 
 

@@ -479,10 +479,11 @@ def _cfg(bm: int, bn: int, warps: int, stages: int, maxnreg: int | None = None) 
 # BLOCK_N in the forward and dQ kernels, and BLOCK_N a multiple of BLOCK_M in the dK/dV kernel.
 # Order: the H100 timings of each config at the leaderboard shape (docs/benchmarks.md, run 3) for
 # bf16 d <= 64; the first fitting config for fp32 and d = 128 kept as GPU-checked in run 1.
+# (128x32/w4/s3/r128 is the fastest at the tinystories-17m shape, T = 256, d = 32, with RoPE inside: H200)
 FWD_CONFIGS = [
-    _cfg(128, 64, 8, 3), _cfg(128, 64, 8, 4), _cfg(128, 64, 4, 3), _cfg(128, 128, 8, 3), _cfg(128, 64, 4, 4),
-    _cfg(128, 32, 4, 3), _cfg(64, 64, 4, 3), _cfg(128, 128, 8, 4), _cfg(128, 64, 4, 2), _cfg(64, 32, 4, 2),
-    _cfg(32, 32, 4, 2), _cfg(16, 16, 4, 2),
+    _cfg(128, 64, 8, 3), _cfg(128, 64, 8, 4), _cfg(128, 64, 4, 3), _cfg(128, 32, 4, 3, 128), _cfg(128, 64, 4, 4),
+    _cfg(128, 32, 4, 3), _cfg(128, 128, 8, 3), _cfg(64, 64, 4, 3), _cfg(128, 128, 8, 4), _cfg(128, 64, 4, 2),
+    _cfg(64, 32, 4, 2), _cfg(32, 32, 4, 2), _cfg(16, 16, 4, 2),
 ]
 DKDV_CONFIGS = [
     _cfg(64, 128, 8, 4), _cfg(64, 128, 8, 3), _cfg(32, 128, 4, 4), _cfg(64, 64, 4, 4), _cfg(128, 128, 8, 2),
@@ -495,10 +496,11 @@ DQ_CONFIGS = [
     _cfg(32, 32, 4, 2), _cfg(16, 16, 4, 2),
 ]
 # the one-program-per-head backward (``_bwd_short``): BLOCK_N a multiple of BLOCK_M. 64x64/w4 compiles
-# to ~250 registers per thread (two programs per SM); capped at 168 (three) or 128 (four) it spills a little
+# to ~250 registers per thread (two programs per SM); capped at 168 (three) it spills a little and is
+# 8-10% faster at T = 256, d = 32 (H200); at 128 (four) it spills more and is slower without RoPE
 SHORT_CONFIGS = [
-    _cfg(64, 64, 4, 2), _cfg(64, 64, 4, 2, 168), _cfg(64, 64, 4, 2, 128), _cfg(64, 64, 4, 3, 168),
-    _cfg(32, 64, 4, 2, 128), _cfg(64, 64, 4, 3), _cfg(32, 64, 4, 2), _cfg(64, 128, 8, 2), _cfg(32, 128, 4, 2),
+    _cfg(64, 64, 4, 3, 168), _cfg(64, 64, 4, 2, 168), _cfg(64, 64, 4, 2), _cfg(64, 64, 4, 3),
+    _cfg(64, 64, 4, 2, 128), _cfg(32, 64, 4, 2, 128), _cfg(32, 64, 4, 2), _cfg(64, 128, 8, 2), _cfg(32, 128, 4, 2),
     _cfg(32, 32, 4, 2), _cfg(16, 16, 4, 2),
 ]
 # (BLOCK_M, BLOCK_N) in the interpreter: small, so CPU tests cross several tiles at tiny sizes
@@ -566,7 +568,8 @@ def _launcher(name: str, kernel, configs: list[triton.Config], interpret_meta: d
             launch(kernel)[grid_fn(meta)](*args, **consts, **meta)
         elif _autotune_enabled() and name not in FORCE_CONFIG:
             if name not in _tuned:
-                _tuned[name] = triton.autotune(configs, key=_KEY, prune_configs_by={"early_config_prune": prune})(
+                key = _KEY + (["ROPE"] if "ROPE" in kernel.arg_names else [])  # RoPE inside changes the best tiles
+                _tuned[name] = triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune})(
                     kernel
                 )
             launch(_tuned[name])[grid_fn](*args, **consts)

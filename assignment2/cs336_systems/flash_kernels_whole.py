@@ -13,8 +13,10 @@ Q and dO, are 16 KB each in bf16: small enough to keep in registers for the whol
   is read once and each gradient written once.
 
 The price is registers: ``SEQ x HEAD_DIM`` (SEQ = the sequence length padded to a power of two)
-elements of each resident tile per program, so ``flash_attention`` takes these kernels only while
-that is at most ``WHOLE_SEQ_BYTES`` (defaults: up to T = 256 at d = 32 in bf16).
+elements of each resident tile per program (~250 registers per thread at T = 256, d = 32: one
+program per SM), so ``flash_attention`` takes these kernels only while that is at most
+``WHOLE_SEQ_BYTES``: by default up to T = 128 at d = 32 in bf16, where they beat the tiled kernels on an
+H200; at T = 256 the tiled forward and the one-launch backward are faster (docs/benchmarks.md).
 
 RoPE (optional, ``rope=``), as in ``flash_kernels``: q and k are rotated as they are loaded, dQ and dK
 rotated back before they are stored.
@@ -169,12 +171,13 @@ def _cfg(name: str, block: int, warps: int, stages: int, maxnreg: int | None = N
     return triton.Config({name: block}, num_warps=warps, num_stages=stages, maxnreg=maxnreg)
 
 
-# fastest first at T = 256, d = 32 on an H200 (docs/benchmarks.md, "Short sequences"); the autotuner times them all
+# fastest first at T = 256, d = 32 on an H200, without / with RoPE inside (docs/benchmarks.md, "Short
+# sequences"); the autotuner times them all
 FWD_WHOLE_CONFIGS = [_cfg("BLOCK_M", bm, w, s, r) for bm, w, s, r in
-                     ((64, 4, 2, None), (64, 4, 3, None), (128, 4, 2, None), (64, 4, 2, 168), (128, 8, 2, None),
+                     ((64, 4, 3, None), (64, 4, 2, None), (64, 4, 2, 168), (128, 4, 2, None), (128, 8, 2, None),
                       (32, 4, 2, None))]
 BWD_WHOLE_CONFIGS = [_cfg("BLOCK_N", bn, w, s, r) for bn, w, s, r in
-                     ((64, 8, 2, None), (32, 4, 2, None), (64, 8, 3, None), (16, 4, 2, None), (32, 8, 2, None),
+                     ((64, 8, 3, None), (64, 8, 2, None), (32, 4, 2, None), (16, 4, 2, None), (32, 8, 2, None),
                       (16, 8, 2, None))]
 
 

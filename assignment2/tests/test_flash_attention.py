@@ -306,31 +306,35 @@ def test_interp_flash_attn_mha_under_torch_compile():
 
 
 def test_kernel_choice_by_sequence_length():
-    # the tinystories-17m attention (bf16, T = 256, d = 32) fits the whole-sequence kernels; longer or
-    # wider heads, or fp32, take the tiled kernels (one-launch backward up to SHORT_SEQ_MAX)
+    # bf16 heads of d = 32 up to T = 128 take the whole-sequence kernels; the tinystories-17m attention
+    # (T = 256) the tiled forward and the one-launch backward (up to SHORT_SEQ_MAX); fp32 or wider heads
+    # fit fewer positions
     def qk(t, d=32, dtype=torch.bfloat16):
         x = torch.empty(2, 16, t, d, dtype=dtype, device="meta")
         return x, x
 
-    assert flash_attention.whole_sequences(*qk(256)) and flash_attention.whole_sequences(*qk(200))
-    assert not flash_attention.whole_sequences(*qk(257)) and flash_attention.short_sequences(*qk(256))
-    assert not flash_attention.whole_sequences(*qk(256, dtype=torch.float32))
-    assert flash_attention.whole_sequences(*qk(128, 64)) and not flash_attention.whole_sequences(*qk(256, 64))
+    assert flash_attention.whole_sequences(*qk(128)) and flash_attention.whole_sequences(*qk(100))
+    assert not flash_attention.whole_sequences(*qk(129)) and not flash_attention.whole_sequences(*qk(256))
+    assert flash_attention.short_sequences(*qk(256)) and not flash_attention.short_sequences(*qk(257))
+    assert not flash_attention.whole_sequences(*qk(128, dtype=torch.float32))
+    assert flash_attention.whole_sequences(*qk(64, 64)) and not flash_attention.whole_sequences(*qk(128, 64))
     assert flash_attention.rope_fits_kernels(*qk(256)) and not flash_attention.rope_fits_kernels(*qk(512))
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("use_rope", [False, True])
-def test_flash_attn_mha_under_inductor_on_gpu(use_rope):
+@pytest.mark.parametrize("t", [128, 256])
+def test_flash_attn_mha_under_inductor_on_gpu(use_rope, t):
     # the real path: inductor traces the triton_ops and launches the kernels itself (the interpreter
-    # twin above runs them as opaque custom ops); bf16 at the tinystories-17m attention shape, which
-    # takes the one-launch backward; use_rope: RoPE inside the forward and that backward (the model's path)
+    # twin above runs them as opaque custom ops); bf16 heads of the tinystories-17m model: T = 256 takes
+    # the tiled forward and the one-launch backward, T = 128 the whole-sequence kernels; use_rope: RoPE
+    # inside the kernels (the model's path)
     g = torch.Generator(device="cuda").manual_seed(6 if use_rope else 2)
-    q, k, v = (torch.randn(4, 256, 16, 32, generator=g, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    q, k, v = (torch.randn(4, t, 16, 32, generator=g, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
                .requires_grad_() for _ in range(3))
-    do = torch.randn(4, 16, 256, 32, generator=g, device="cuda", dtype=torch.bfloat16)
-    rope, pos = RotaryPositionalEmbedding(10000.0, 32, 256, device="cuda"), torch.arange(256, device="cuda")
+    do = torch.randn(4, 16, t, 32, generator=g, device="cuda", dtype=torch.bfloat16)
+    rope, pos = RotaryPositionalEmbedding(10000.0, 32, t, device="cuda"), torch.arange(t, device="cuda")
     kw = {"rope": rope, "positions": pos} if use_rope else {}
     compiled = torch.compile(lambda a, b, c: flash_attn_mha(a, b, c, True, **kw) * 2, fullgraph=True)
     o = compiled(q, k, v)
