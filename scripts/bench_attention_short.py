@@ -12,6 +12,7 @@ median of ``triton.testing.do_bench`` for one attention layer (the model has 4).
 * ``configs``: at T = 256, every tile config of the short-sequence kernels forced in turn.
 * ``rope``: at T = 256, the RoPE kernels of ``fused_rope`` (q and k, forward and backward) against
   the kernels with RoPE applied inside them.
+* ``inductor``: whether a config's register cap survives ``torch.compile`` (eager vs compiled operator).
 * ``layer``: at T = 256, forward + backward through autograd of RoPE + attention: SDPA with our RoPE
   kernels, FlashAttention (two-pass, short) with them, short and whole with RoPE inside; plus the
   bf16 errors of each against float64.
@@ -121,6 +122,32 @@ def rope_table(fk, fw, t=256) -> dict:
     return row
 
 
+def inductor_table(fk, t=256) -> dict:
+    """Does a register cap (``maxnreg``) survive torch.compile? The one-launch backward with RoPE inside,
+    one config forced (so the traced op body launches that kernel with explicit options, no autotuner),
+    timed eager and as the compiled operator."""
+    from cs336_basics.model import RotaryPositionalEmbedding
+    from cs336_systems.flash_attention import flash_bwd_op
+
+    q, k, v = make_qkv(t)
+    rope = RotaryPositionalEmbedding(10000.0, D, t, device="cuda")
+    pos = torch.arange(t, device="cuda").expand(q.shape[:-1])
+    o, L = fk.flash_fwd(q, k, v, True, (pos, rope.cos, rope.sin))
+    do = torch.randn_like(o)
+    args = (q, k, v, o, L.view(q.shape[:-1]), do, True, pos, rope.cos, rope.sin)
+    out = {}
+    for cfg in (fk._cfg(64, 64, 4, 3), fk._cfg(64, 64, 4, 3, 168)):
+        fk.FORCE_CONFIG["short"] = cfg
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda *a: flash_bwd_op(*a))
+        row = out[fk.config_name(cfg)] = {"eager_ms": bench(lambda: flash_bwd_op(*args)),
+                                          "compiled_ms": bench(lambda: compiled(*args))}
+        print(f"short {fk.config_name(cfg):16s} eager {row['eager_ms']:.4f} compiled {row['compiled_ms']:.4f} ms",
+              flush=True)
+    fk.FORCE_CONFIG.clear()
+    return out
+
+
 def layer_table(t=256) -> dict:
     from cs336_basics.model import RotaryPositionalEmbedding
     from cs336_systems import flash_attention as fa
@@ -193,6 +220,8 @@ def main() -> None:
         results["configs"] = configs_table(fk, fw)
     if "rope" in args.what:
         results["rope"] = rope_table(fk, fw)
+    if "inductor" in args.what:
+        results["inductor"] = inductor_table(fk)
     if "layer" in args.what:
         results["layer"] = layer_table()
     with open(args.out, "w") as f:
