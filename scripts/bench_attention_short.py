@@ -1,21 +1,21 @@
 """Attention at the tinystories-17m shape on one GPU: where the per-step attention time goes and
-what the short-sequence kernels (the one-launch backward, the whole-sequence forward and backward)
-and RoPE inside the kernels save.
+what the short-sequence kernels (the one-launch backward, the whole-sequence forward) and RoPE inside
+the kernels save.
 
 Shape: bf16, causal, 16 heads of d = 32, B*T = 32,768 tokens (the course's batch 128 x context 256),
 q/k/v as ``(B, H, T, D)`` views of ``(B, T, H, D)`` buffers, as the model makes them. Times are the
 median of ``triton.testing.do_bench`` for one attention layer (the model has 4).
 
 * ``kernels``: the tiled forward, the two-pass backward (``flash_bwd``), the one-launch backward
-  (``flash_bwd_short``) and, up to T = 256, the whole-sequence forward and backward
-  (``flash_kernels_whole``), autotuned, at T = 128..1024 (B = 32768 / T, then B = 1).
+  (``flash_bwd_short``) and, up to T = 256, the whole-sequence forward (``flash_kernels_whole``),
+  autotuned, at T = 128..1024 (B = 32768 / T, then B = 1; B = 1 rows time the launch more than the kernel).
 * ``configs``: at T = 256, every tile config of the short-sequence kernels forced in turn.
 * ``rope``: at T = 256, the RoPE kernels of ``fused_rope`` (q and k, forward and backward) against
   the kernels with RoPE applied inside them.
 * ``inductor``: whether a config's register cap survives ``torch.compile`` (eager vs compiled operator).
 * ``layer``: at T = 256, forward + backward through autograd of RoPE + attention: SDPA with our RoPE
-  kernels, FlashAttention (two-pass, short) with them, short and whole with RoPE inside; plus the
-  bf16 errors of each against float64.
+  kernels, FlashAttention (two-pass, short) with them, short with RoPE inside after the tiled or the
+  whole-sequence forward; plus the bf16 errors of each against float64.
 
     PYTHONPATH=assignment1:assignment2 python3 scripts/bench_attention_short.py --out short.json
 """
@@ -50,10 +50,9 @@ def kernel_row(fk, fw, t: int, b: int | None = None) -> dict:
            "fwd_ms": bench(lambda: fk.flash_fwd(q, k, v, True)),
            "bwd_two_pass_ms": bench(lambda: fk.flash_bwd(q, k, v, o, L, do, True)),
            "bwd_short_ms": bench(lambda: fk.flash_bwd_short(q, k, v, o, L, do, True)),
-           "fwd_whole_ms": None, "bwd_whole_ms": None}
+           "fwd_whole_ms": None}
     if t <= 256:  # (longer: the resident tiles outgrow the registers)
         row["fwd_whole_ms"] = bench(lambda: fw.flash_fwd_whole(q, k, v, True))
-        row["bwd_whole_ms"] = bench(lambda: fw.flash_bwd_whole(q, k, v, o, L, do, True))
     return row
 
 
@@ -62,8 +61,7 @@ def kernels_table(fk, fw, seqs) -> list[dict]:
     for t, b in [(t, None) for t in seqs] + [(t, 1) for t in seqs]:  # B = 1: 16 programs for the short one
         rows.append(row := kernel_row(fk, fw, t, b))
         print(f"T={t:5d} B={row['B']:4d}  fwd {row['fwd_ms']:.4f} whole {row['fwd_whole_ms'] or 0:.4f}  "
-              f"bwd two-pass {row['bwd_two_pass_ms']:.4f} short {row['bwd_short_ms']:.4f} "
-              f"whole {row['bwd_whole_ms'] or 0:.4f} ms", flush=True)
+              f"bwd two-pass {row['bwd_two_pass_ms']:.4f} short {row['bwd_short_ms']:.4f} ms", flush=True)
     return rows
 
 
@@ -82,13 +80,12 @@ def configs_table(fk, fw, t=256) -> dict:
     out = {}
     for name, fn in (("fwd", lambda r: fk.flash_fwd(q, k, v, True, r)),
                      ("short", lambda r: fk.flash_bwd_short(q, k, v, o, L, do, True, r)),
-                     ("fwd_whole", lambda r: fw.flash_fwd_whole(q, k, v, True, r)),
-                     ("bwd_whole", lambda r: fw.flash_bwd_whole(q, k, v, o, L, do, True, r))):
+                     ("fwd_whole", lambda r: fw.flash_fwd_whole(q, k, v, True, r))):
         out[name] = {}
         configs, candidates = fk._CONFIG_LISTS[name]
         for cfg in candidates(configs, D, torch.bfloat16) + extra.get(name, []):
             fk.FORCE_CONFIG[name] = cfg
-            row = out[name][fk.config_name(cfg)] = {"ms": bench(lambda: fn(None)), "rope_inside_ms": bench(lambda: fn(tables))}
+            row = out[name][fk.config_name(cfg)] = {"ms": bench(lambda fn=fn: fn(None)), "rope_inside_ms": bench(lambda fn=fn: fn(tables))}
             print(f"{name:9s} {fk.config_name(cfg):18s} {row['ms']:.4f} ms, RoPE inside {row['rope_inside_ms']:.4f} ms",
                   flush=True)
         fk.FORCE_CONFIG.clear()
@@ -114,8 +111,6 @@ def rope_table(fk, fw, t=256) -> dict:
         "bwd_short_rope_inside_ms": bench(lambda: fk.flash_bwd_short(q, k, v, o, L, do, True, tables)),
         "fwd_whole_ms": bench(lambda: fw.flash_fwd_whole(q, k, v, True)),
         "fwd_whole_rope_inside_ms": bench(lambda: fw.flash_fwd_whole(q, k, v, True, tables)),
-        "bwd_whole_ms": bench(lambda: fw.flash_bwd_whole(q, k, v, o, L, do, True)),
-        "bwd_whole_rope_inside_ms": bench(lambda: fw.flash_bwd_whole(q, k, v, o, L, do, True, tables)),
     }
     for key, ms in row.items():
         print(f"{key:28s} {ms:.4f} ms", flush=True)
@@ -141,7 +136,7 @@ def inductor_table(fk, t=256) -> dict:
         torch._dynamo.reset()
         compiled = torch.compile(lambda *a: flash_bwd_op(*a))
         row = out[fk.config_name(cfg)] = {"eager_ms": bench(lambda: flash_bwd_op(*args)),
-                                          "compiled_ms": bench(lambda: compiled(*args))}
+                                          "compiled_ms": bench(lambda compiled=compiled: compiled(*args))}
         print(f"short {fk.config_name(cfg):16s} eager {row['eager_ms']:.4f} compiled {row['compiled_ms']:.4f} ms",
               flush=True)
     fk.FORCE_CONFIG.clear()
@@ -170,8 +165,7 @@ def layer_table(t=256) -> dict:
     variants = {"sdpa + rope kernels": (sdpa, 0, 256), "flash two-pass + rope kernels": (flash_rope_outside, 0, 0),
                 "flash short + rope kernels": (flash_rope_outside, 0, 256),
                 "flash short, rope inside": (flash_rope_inside, 0, 256),
-                "flash whole + rope kernels": (flash_rope_outside, whole_bytes, 256),
-                "flash whole, rope inside": (flash_rope_inside, whole_bytes, 256)}
+                "flash whole fwd + short, rope inside": (flash_rope_inside, 2**30, 256)}
     out, grads = {}, {}
     for name, (fn, whole_max, short_max) in variants.items():
         fa.WHOLE_SEQ_BYTES, fa.SHORT_SEQ_MAX = whole_max, short_max

@@ -20,10 +20,8 @@ Variants ``{impl}-{mode}[-{optimizer}[-{loss}[-{ops}[-{attn}]]]]``:
   ``model.COMPILED_KERNELS``, i.e. our RoPE operator, inductor the rest; both what the model runs on
   CUDA); attn ``sdpa`` (PyTorch's SDPA, its default backend: cuDNN on Hopper; default) or ``flash``
   (our Triton FlashAttention-2 of ``cs336_systems``, ``triton_op`` operators that inductor launches;
-  RoPE applied inside its kernels; at this shape the whole-sequence kernels) or ``flashsep`` (the same
-  with RoPE as its own kernels first) or ``flashshort`` (RoPE inside, the tiled forward and the
-  one-launch backward: ``WHOLE_SEQ_BYTES = 0``) or ``flash2p`` (RoPE as its own kernels, the tiled
-  forward and the two-pass backward: also ``SHORT_SEQ_MAX = 0``).
+  RoPE applied inside its kernels) or ``flashsep`` (the same with RoPE as its own kernels first) or
+  ``flash2p`` (RoPE as its own kernels and the two-pass backward, ``SHORT_SEQ_MAX = 0``).
 - impl ``hf``: ``LlamaForCausalLM`` (``attn_implementation="sdpa"``, same initial weights), the loss
   it uses internally (``F.cross_entropy`` on fp32 logits), ``torch.nn.utils.clip_grad_norm_`` and
   ``torch.optim.AdamW(fused=True)``.
@@ -64,7 +62,6 @@ from cs336_basics.nn_utils import clip_grad_norm, cross_entropy_torch
 from cs336_basics.optimizer import AdamW
 from cs336_basics.train import build_model, flops_per_token, peak_flops
 
-_FLASH_DEFAULTS: dict[str, tuple] = {}  # the kernel-choice thresholds as imported, before a variant changes them
 COURSE_TOKENS = 327_680_000  # the course's TinyStories budget: 10,000 steps x 128 x 256
 DEFAULT_VARIANTS = ["hf-eager", "ours-eager-foreach", "ours-eager-fused-tritonce",
                     "ours-eager-fused-tritonce-tritonops", "hf-compiled", "ours-compiled-foreach",
@@ -80,7 +77,7 @@ def make_variant(name: str, cfg, device):
     assert opt_impl in ("foreach", "fused") and loss_impl in ("torchce", "tritonce", "modelce", "headce"), name
     assert impl == "ours" or loss_impl == "torchce", name
     assert ops_impl in ("torchops", "tritonops"), name
-    assert attn in ("sdpa", "flash", "flashsep", "flashshort", "flash2p") and (impl == "ours" or attn == "sdpa"), name
+    assert attn in ("sdpa", "flash", "flashsep", "flash2p") and (impl == "ours" or attn == "sdpa"), name
     # read at every forward, holds until the next variant; compiled, only the kernels in
     # COMPILED_KERNELS replace inductor's fusion, and True keeps the fused LM head + loss of headce
     cs336_model.FUSED_KERNELS = ops_impl == "tritonops" or mode != "eager"
@@ -91,10 +88,7 @@ def make_variant(name: str, cfg, device):
     if attn.startswith("flash"):  # read when the op bodies are traced (compiled) or called (eager)
         from cs336_systems import flash_attention
 
-        whole_bytes, short_max = _FLASH_DEFAULTS.setdefault("lengths", (flash_attention.WHOLE_SEQ_BYTES,
-                                                                         flash_attention.SHORT_SEQ_MAX))
-        flash_attention.WHOLE_SEQ_BYTES = 0 if attn in ("flashshort", "flash2p") else whole_bytes
-        flash_attention.SHORT_SEQ_MAX = 0 if attn == "flash2p" else short_max
+        flash_attention.SHORT_SEQ_MAX = 0 if attn == "flash2p" else 256
     model = build_model(cfg.replace(model_impl="cs336" if impl == "ours" else "hf-llama", attn_backend=attn_backend),
                         device)
     if attn in ("flashsep", "flash2p"):  # RoPE as its own kernels before FlashAttention, not inside its kernels

@@ -6,8 +6,8 @@
   are tested against and the CPU fallback of ``flash_attn_mha``.
 * ``FlashAttentionTriton``: the same contract with the Triton kernels of ``flash_kernels``
   (forward; backward as a preprocess, a dK/dV pass and a dQ pass, no atomics; for short sequences
-  one launch of one program per (batch, head), and for the shortest ones forward and backward kernels
-  that hold a whole (batch, head) in registers). Optionally applies RoPE to q and k inside the kernels.
+  one launch of one program per (batch, head), and for the shortest ones a forward that holds a
+  (batch, head)'s K and V in registers). Optionally applies RoPE to q and k inside the kernels.
 * ``flash_attn_mha(q, k, v, is_causal=True, rope=None, positions=None)``: ``(B, H, T, D)`` inputs,
   the "flash" attention backend of ``cs336_basics.model``.
 
@@ -169,13 +169,12 @@ def _as_4d(t: torch.Tensor) -> torch.Tensor:
 # ``pos, cos, sin`` (optional): RoPE applied inside the kernels (`flash_attn_mha`'s ``rope``).
 
 # Which kernels run, by sequence length (queries and keys):
-# * a (batch, head) whose resident tile (the padded sequence x d, in the input dtype) is at most
-#   WHOLE_SEQ_BYTES takes the whole-sequence kernels (``flash_kernels_whole``: one program per
-#   (batch, head), forward and backward, Q/dO/dQ or K/V held in registers);
-# * else sequences up to SHORT_SEQ_MAX take the tiled forward and the one-launch backward
-#   (``flash_kernels.flash_bwd_short``: one program per (batch, head), P computed once per tile pair);
-# * else the tiled forward and the two-pass backward.
-WHOLE_SEQ_BYTES = 8192  # T <= 128 at d = 32 in bf16: faster there than the tiled kernels, slower at T = 256 (H200)
+# * forward: where a (batch, head)'s K (the padded sequence x d, in the input dtype) is at most
+#   WHOLE_SEQ_BYTES, the whole-sequence forward (``flash_kernels_whole``: one program per (batch, head),
+#   K and V held in registers); else the tiled forward;
+# * backward: up to SHORT_SEQ_MAX the one-launch backward (``flash_kernels.flash_bwd_short``: one
+#   program per (batch, head), P computed once per tile pair); else the two-pass backward.
+WHOLE_SEQ_BYTES = 8192  # T <= 128 at d = 32 in bf16: faster there than the tiled forward, slower at T = 256 (H200)
 SHORT_SEQ_MAX = 256
 
 
@@ -190,9 +189,8 @@ def short_sequences(q: torch.Tensor, k: torch.Tensor) -> bool:
 
 
 def rope_fits_kernels(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """Whether the kernels can apply RoPE: one position table for q and k, and a backward that
-    rotates (whole-sequence or one-launch)."""
-    return q.shape == k.shape and (whole_sequences(q, k) or short_sequences(q, k))
+    """Whether the kernels can apply RoPE: one position table for q and k, the one-launch backward."""
+    return q.shape == k.shape and short_sequences(q, k)
 
 
 def _like(t: torch.Tensor) -> torch.Tensor:
@@ -231,13 +229,11 @@ def _flash_bwd(
     pos: torch.Tensor | None = None, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dQ, dK, dV), each in its input's layout, from the Triton backward; dO may be non-contiguous or stride-0.
-    Short sequences take the whole-sequence or one-launch backward (the ones that apply RoPE)."""
-    from cs336_systems import flash_kernels, flash_kernels_whole
+    Short sequences take the one-launch backward (the only one that applies RoPE)."""
+    from cs336_systems import flash_kernels
 
     args = (_as_4d(q), _as_4d(k), _as_4d(v), _as_4d(o), lse.view(-1, q.shape[-2]), _as_4d(do), is_causal)
-    if whole_sequences(q, k):
-        dq, dk, dv = flash_kernels_whole.flash_bwd_whole(*args, _rope(pos, cos, sin))
-    elif pos is not None or short_sequences(q, k):  # (RoPE inside: the forward checked the length)
+    if pos is not None or short_sequences(q, k):  # (RoPE inside: the forward checked the length)
         dq, dk, dv = flash_kernels.flash_bwd_short(*args, _rope(pos, cos, sin))
     else:
         dq, dk, dv = flash_kernels.flash_bwd(*args)
@@ -262,8 +258,7 @@ class FlashAttentionTriton(torch.autograd.Function):
         _check_triton_inputs(Q, K, V)
         if positions is not None and not rope_fits_kernels(Q, K):
             raise ValueError(
-                f"RoPE inside the kernels needs q and k of one shape with at most {SHORT_SEQ_MAX} positions "
-                f"(or a whole sequence within WHOLE_SEQ_BYTES); "
+                f"RoPE inside the kernels needs q and k of one shape with at most {SHORT_SEQ_MAX} positions; "
                 f"got q {tuple(Q.shape)}, k {tuple(K.shape)}"
             )
         rope = () if positions is None else (positions, cos, sin)

@@ -139,9 +139,9 @@ def test_triton_rejects_unsupported_inputs():
 # --------------------------------------------------------------------------------- Triton
 
 
-# (WHOLE_SEQ_BYTES, SHORT_SEQ_MAX) that make the small test shapes take each set of kernels:
-# the tiled forward with the two-pass or the one-launch backward, or the whole-sequence kernels
-KERNEL_KINDS = {"two_pass": (0, 0), "short": (0, 256), "whole": (2**30, 0)}
+# (WHOLE_SEQ_BYTES, SHORT_SEQ_MAX) that make the small test shapes take each set of kernels: the tiled
+# forward with the two-pass or the one-launch backward, or the whole-sequence forward with the latter
+KERNEL_KINDS = {"two_pass": (0, 0), "short": (0, 256), "whole": (2**30, 256)}
 
 
 def use_kernels(monkeypatch, kind: str) -> None:
@@ -159,7 +159,7 @@ def backward_kind(request, monkeypatch):
 
 @pytest.fixture(params=["short", "whole"])
 def rotating_kind(request, monkeypatch):
-    """The kernel sets that apply RoPE inside (their backward rotates)."""
+    """The kernel sets that apply RoPE inside (both forwards, with the one-launch backward)."""
     use_kernels(monkeypatch, request.param)
     return request.param
 
@@ -206,7 +206,7 @@ def test_interp_rope_inside_kernels(positions, is_causal, rotating_kind):
 def test_interp_short_kernels_property(n_q, n_k, is_causal, use_rope, seed, rotating_kind):
     # any lengths (tiles of 16 x 32 in the interpreter: ragged, n_q != n_k, a query tile whose last
     # visible key tile is not the diagonal one; whole sequences padded to a power of two): the
-    # one-launch backward and the whole-sequence kernels against fp64 attention
+    # one-launch backward, after either forward, against fp64 attention
     n_k = n_q if use_rope else n_k  # RoPE inside needs one position table for queries and keys
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(1, 2, n_q, 16, generator=g, requires_grad=True)
@@ -225,8 +225,8 @@ def test_interp_short_kernels_property(n_q, n_k, is_causal, use_rope, seed, rota
 
 @interp_only
 def test_interp_rope_outside_kernels_for_long_sequences(monkeypatch):
-    # past SHORT_SEQ_MAX (and WHOLE_SEQ_BYTES) the two-pass backward runs, and RoPE runs as the module
-    # first: same numbers
+    # past SHORT_SEQ_MAX the two-pass backward runs (after the tiled forward), and RoPE runs as the
+    # module first: same numbers
     g = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(1, 2, 40, 16, generator=g, requires_grad=True) for _ in range(3))
     rope, pos = RotaryPositionalEmbedding(10000.0, 16, 40), torch.arange(40)
@@ -306,9 +306,9 @@ def test_interp_flash_attn_mha_under_torch_compile():
 
 
 def test_kernel_choice_by_sequence_length():
-    # bf16 heads of d = 32 up to T = 128 take the whole-sequence kernels; the tinystories-17m attention
-    # (T = 256) the tiled forward and the one-launch backward (up to SHORT_SEQ_MAX); fp32 or wider heads
-    # fit fewer positions
+    # bf16 heads of d = 32 up to T = 128 take the whole-sequence forward, the tinystories-17m attention
+    # (T = 256) the tiled one; fp32 or wider heads fit fewer positions. Up to SHORT_SEQ_MAX the
+    # one-launch backward
     def qk(t, d=32, dtype=torch.bfloat16):
         x = torch.empty(2, 16, t, d, dtype=dtype, device="meta")
         return x, x
@@ -327,9 +327,9 @@ def test_kernel_choice_by_sequence_length():
 @pytest.mark.parametrize("t", [128, 256])
 def test_flash_attn_mha_under_inductor_on_gpu(use_rope, t):
     # the real path: inductor traces the triton_ops and launches the kernels itself (the interpreter
-    # twin above runs them as opaque custom ops); bf16 heads of the tinystories-17m model: T = 256 takes
-    # the tiled forward and the one-launch backward, T = 128 the whole-sequence kernels; use_rope: RoPE
-    # inside the kernels (the model's path)
+    # twin above runs them as opaque custom ops); bf16 heads of the tinystories-17m model, which take the
+    # one-launch backward after the tiled forward (T = 256) or the whole-sequence forward (T = 128);
+    # use_rope: RoPE inside the kernels (the model's path)
     g = torch.Generator(device="cuda").manual_seed(6 if use_rope else 2)
     q, k, v = (torch.randn(4, t, 16, 32, generator=g, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
                .requires_grad_() for _ in range(3))
