@@ -67,7 +67,7 @@ def kernels_table(fk, fw, seqs) -> list[dict]:
 
 def configs_table(fk, fw, t=256) -> dict:
     """Every candidate config of the short-sequence kernels forced in turn, without and with RoPE inside,
-    plus register-capped forward configs (not in the forward's list, which serves long sequences too)."""
+    plus register-capped forward configs that are not in the forward's list (which serves long sequences too)."""
     from cs336_basics.model import RotaryPositionalEmbedding
 
     q, k, v = make_qkv(t)
@@ -75,8 +75,7 @@ def configs_table(fk, fw, t=256) -> dict:
     tables = (torch.arange(t, device="cuda").expand(q.shape[:-1]), rope.cos, rope.sin)
     o, L = fk.flash_fwd(q, k, v, True)
     do = torch.randn_like(o)
-    extra = {"fwd": [fk._cfg(128, 32, 4, 3, 168), fk._cfg(128, 32, 4, 3, 128), fk._cfg(64, 64, 4, 3, 128),
-                     fk._cfg(64, 32, 4, 3, 128)]}
+    extra = {"fwd": [fk._cfg(128, 32, 4, 3, 168), fk._cfg(64, 64, 4, 3, 128), fk._cfg(64, 32, 4, 3, 128)]}
     out = {}
     for name, fn in (("fwd", lambda r: fk.flash_fwd(q, k, v, True, r)),
                      ("short", lambda r: fk.flash_bwd_short(q, k, v, o, L, do, True, r)),

@@ -470,7 +470,8 @@ def _bwd_short(
 
 def _cfg(bm: int, bn: int, warps: int, stages: int, maxnreg: int | None = None) -> triton.Config:
     """``maxnreg``: registers per thread at most (ptxas otherwise takes up to 255, which can leave
-    room for only two 4-warp programs per SM)."""
+    room for only two 4-warp programs per SM). Only our own launches honour it: under torch.compile
+    inductor (torch 2.11) rebuilds the configs without it, so there a capped config runs uncapped."""
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages, maxnreg=maxnreg)
 
 
@@ -497,7 +498,7 @@ DQ_CONFIGS = [
 ]
 # the one-program-per-head backward (``_bwd_short``): BLOCK_N a multiple of BLOCK_M. 64x64/w4 compiles
 # to ~250 registers per thread (two programs per SM); capped at 168 (three) it spills a little and is
-# 8-10% faster at T = 256, d = 32 (H200); at 128 (four) it spills more and is slower without RoPE
+# 8-10% faster at T = 256, d = 32 (H200, eager; see `_cfg`); at 128 (four) it spills more and is slower without RoPE
 SHORT_CONFIGS = [
     _cfg(64, 64, 4, 3, 168), _cfg(64, 64, 4, 2, 168), _cfg(64, 64, 4, 2), _cfg(64, 64, 4, 3),
     _cfg(64, 64, 4, 2, 128), _cfg(32, 64, 4, 2, 128), _cfg(32, 64, 4, 2), _cfg(64, 128, 8, 2), _cfg(32, 128, 4, 2),
@@ -555,7 +556,6 @@ def _launcher(name: str, kernel, configs: list[triton.Config], interpret_meta: d
 
     The autotuned wrapper is built lazily (never in the interpreter, whose launches cannot be timed).
     """
-
     _CONFIG_LISTS[name] = (configs, candidates)
 
     def prune(configs, named_args, **kwargs):
