@@ -7,7 +7,7 @@ q/k/v as ``(B, H, T, D)`` views of ``(B, T, H, D)`` buffers, as the model makes 
 median of ``triton.testing.do_bench`` for one attention layer (the model has 4).
 
 * ``kernels``: the tiled forward, the two-pass backward (``flash_bwd``), the one-launch backward
-  (``flash_bwd_short``) and, up to T = 256, the whole-sequence forward (``flash_kernels_whole``),
+  (``flash_kernels_short``) and, up to T = 256, the whole-sequence forward (``flash_kernels_whole``),
   autotuned, at T = 128..1024 (B = 32768 / T, then B = 1; B = 1 rows time the launch more than the kernel).
 * ``configs``: at T = 256, every tile config of the short-sequence kernels forced in turn.
 * ``rope``: at T = 256, the RoPE kernels of ``fused_rope`` (q and k, forward and backward) against
@@ -42,30 +42,30 @@ def bench(fn, warmup=25, rep=100) -> float:
     return triton.testing.do_bench(fn, warmup=warmup, rep=rep)
 
 
-def kernel_row(fk, fw, t: int, b: int | None = None) -> dict:
+def kernel_row(fk, fs, fw, t: int, b: int | None = None) -> dict:
     q, k, v = make_qkv(t, b=b)
     o, L = fk.flash_fwd(q, k, v, True)
     do = torch.randn_like(o)
     row = {"T": t, "B": q.shape[0],
            "fwd_ms": bench(lambda: fk.flash_fwd(q, k, v, True)),
            "bwd_two_pass_ms": bench(lambda: fk.flash_bwd(q, k, v, o, L, do, True)),
-           "bwd_short_ms": bench(lambda: fk.flash_bwd_short(q, k, v, o, L, do, True)),
+           "bwd_short_ms": bench(lambda: fs.flash_bwd_short(q, k, v, o, L, do, True)),
            "fwd_whole_ms": None}
     if t <= 256:  # (longer: the resident tiles outgrow the registers)
         row["fwd_whole_ms"] = bench(lambda: fw.flash_fwd_whole(q, k, v, True))
     return row
 
 
-def kernels_table(fk, fw, seqs) -> list[dict]:
+def kernels_table(fk, fs, fw, seqs) -> list[dict]:
     rows = []
     for t, b in [(t, None) for t in seqs] + [(t, 1) for t in seqs]:  # B = 1: 16 programs for the short one
-        rows.append(row := kernel_row(fk, fw, t, b))
+        rows.append(row := kernel_row(fk, fs, fw, t, b))
         print(f"T={t:5d} B={row['B']:4d}  fwd {row['fwd_ms']:.4f} whole {row['fwd_whole_ms'] or 0:.4f}  "
               f"bwd two-pass {row['bwd_two_pass_ms']:.4f} short {row['bwd_short_ms']:.4f} ms", flush=True)
     return rows
 
 
-def configs_table(fk, fw, t=256) -> dict:
+def configs_table(fk, fs, fw, t=256) -> dict:
     """Every candidate config of the short-sequence kernels forced in turn, without and with RoPE inside,
     plus register-capped forward configs that are not in the forward's list (which serves long sequences too)."""
     from cs336_basics.model import RotaryPositionalEmbedding
@@ -78,7 +78,7 @@ def configs_table(fk, fw, t=256) -> dict:
     extra = {"fwd": [fk._cfg(128, 32, 4, 3, 168), fk._cfg(64, 64, 4, 3, 128), fk._cfg(64, 32, 4, 3, 128)]}
     out = {}
     for name, fn in (("fwd", lambda r: fk.flash_fwd(q, k, v, True, r)),
-                     ("short", lambda r: fk.flash_bwd_short(q, k, v, o, L, do, True, r)),
+                     ("short", lambda r: fs.flash_bwd_short(q, k, v, o, L, do, True, r)),
                      ("fwd_whole", lambda r: fw.flash_fwd_whole(q, k, v, True, r))):
         out[name] = {}
         configs, candidates = fk._CONFIG_LISTS[name]
@@ -92,7 +92,7 @@ def configs_table(fk, fw, t=256) -> dict:
     return out
 
 
-def rope_table(fk, fw, t=256) -> dict:
+def rope_table(fk, fs, fw, t=256) -> dict:
     from cs336_basics import fused_rope
     from cs336_basics.model import RotaryPositionalEmbedding
 
@@ -106,8 +106,8 @@ def rope_table(fk, fw, t=256) -> dict:
         "rope_kernel_4_calls_ms": 4 * bench(lambda: fused_rope._rotated(q, pos, rope.cos, rope.sin, 1.0)),
         "fwd_ms": bench(lambda: fk.flash_fwd(q, k, v, True)),
         "fwd_rope_inside_ms": bench(lambda: fk.flash_fwd(q, k, v, True, tables)),
-        "bwd_short_ms": bench(lambda: fk.flash_bwd_short(q, k, v, o, L, do, True)),
-        "bwd_short_rope_inside_ms": bench(lambda: fk.flash_bwd_short(q, k, v, o, L, do, True, tables)),
+        "bwd_short_ms": bench(lambda: fs.flash_bwd_short(q, k, v, o, L, do, True)),
+        "bwd_short_rope_inside_ms": bench(lambda: fs.flash_bwd_short(q, k, v, o, L, do, True, tables)),
         "fwd_whole_ms": bench(lambda: fw.flash_fwd_whole(q, k, v, True)),
         "fwd_whole_rope_inside_ms": bench(lambda: fw.flash_fwd_whole(q, k, v, True, tables)),
     }
@@ -204,15 +204,16 @@ def main() -> None:
     ap.add_argument("--out", default="bench_attention_short.json")
     args = ap.parse_args()
     from cs336_systems import flash_kernels as fk
+    from cs336_systems import flash_kernels_short as fs
     from cs336_systems import flash_kernels_whole as fw
 
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": {"H": H, "D": D, "tokens": TOKENS}}
     if "kernels" in args.what:
-        results["kernels"] = kernels_table(fk, fw, args.seqs)
+        results["kernels"] = kernels_table(fk, fs, fw, args.seqs)
     if "configs" in args.what:
-        results["configs"] = configs_table(fk, fw)
+        results["configs"] = configs_table(fk, fs, fw)
     if "rope" in args.what:
-        results["rope"] = rope_table(fk, fw)
+        results["rope"] = rope_table(fk, fs, fw)
     if "inductor" in args.what:
         results["inductor"] = inductor_table(fk)
     if "layer" in args.what:

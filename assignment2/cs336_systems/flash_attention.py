@@ -172,7 +172,7 @@ def _as_4d(t: torch.Tensor) -> torch.Tensor:
 # * forward: where a (batch, head)'s K (the padded sequence x d, in the input dtype) is at most
 #   WHOLE_SEQ_BYTES, the whole-sequence forward (``flash_kernels_whole``: one program per (batch, head),
 #   K and V held in registers); else the tiled forward;
-# * backward: up to SHORT_SEQ_MAX the one-launch backward (``flash_kernels.flash_bwd_short``: one
+# * backward: up to SHORT_SEQ_MAX the one-launch backward (``flash_kernels_short.flash_bwd_short``: one
 #   program per (batch, head), P computed once per tile pair); else the two-pass backward.
 WHOLE_SEQ_BYTES = 8192  # T <= 128 at d = 32 in bf16: faster there than the tiled forward, slower at T = 256 (H200)
 SHORT_SEQ_MAX = 256
@@ -230,11 +230,11 @@ def _flash_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dQ, dK, dV), each in its input's layout, from the Triton backward; dO may be non-contiguous or stride-0.
     Short sequences take the one-launch backward (the only one that applies RoPE)."""
-    from cs336_systems import flash_kernels
+    from cs336_systems import flash_kernels, flash_kernels_short
 
     args = (_as_4d(q), _as_4d(k), _as_4d(v), _as_4d(o), lse.view(-1, q.shape[-2]), _as_4d(do), is_causal)
     if pos is not None or short_sequences(q, k):  # (RoPE inside: the forward checked the length)
-        dq, dk, dv = flash_kernels.flash_bwd_short(*args, _rope(pos, cos, sin))
+        dq, dk, dv = flash_kernels_short.flash_bwd_short(*args, _rope(pos, cos, sin))
     else:
         dq, dk, dv = flash_kernels.flash_bwd(*args)
     return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)

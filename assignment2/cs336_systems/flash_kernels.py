@@ -13,8 +13,8 @@ Design (H100 notes in ``docs/benchmarks.md``):
 * backward without atomics: ``_bwd_dkdv`` keeps one K/V tile resident and walks the query tiles
   that see it; ``_bwd_dq`` keeps one Q/dO tile resident and walks the key tiles it sees; both
   recompute P from L. ``_bwd_preprocess`` computes D = rowsum(dO * O) and lse2 first.
-* short sequences with many heads (``flash_bwd_short``): the whole backward of a (batch, head) in
-  one program, P computed once per tile pair, dQ summed in an fp32 scratch the program owns.
+* short sequences with many heads: the whole backward of a (batch, head) in one program
+  (``flash_kernels_short``).
 * RoPE (optional, ``rope=``): q and k rotated as the tiles are loaded (forward, short backward),
   the gradients rotated back before they are stored.
 * tile sizes are autotuned per (seq lens, d, causal, dtype) from short lists; set
@@ -42,19 +42,39 @@ LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _rope_rows(x, offs, n, Pos, stride_pt, Cos, Sin, sign, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """The (ROWS, HEAD_DIM) tile ``x`` of rows ``offs`` rotated by the angles of positions
-    ``Pos[offs]`` (``sign`` -1.0 rotates back, the transpose), in fp32. Rows >= n take position 0."""
+def _rope_tables(offs, n, Pos, stride_pt, Cos, Sin, HEAD_DIM: tl.constexpr):
+    """cos and sin, (len(offs), HEAD_DIM/2) fp32, of the angles of positions ``Pos[offs]``; rows >= n
+    take position 0. (Loaded apart from the rotation so that a loop can fetch them a tile ahead.)"""
     pos = tl.load(Pos + offs * stride_pt, mask=offs < n, other=0)
     angle = pos[:, None] * (HEAD_DIM // 2) + tl.arange(0, HEAD_DIM // 2)[None, :]
-    cos = tl.load(Cos + angle)
-    sin = tl.load(Sin + angle) * sign
+    return tl.load(Cos + angle), tl.load(Sin + angle)
+
+
+@triton.jit
+def _rotate(x, cos, sin, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """The (ROWS, HEAD_DIM) tile ``x`` rotated pair by pair (pass ``-sin`` to rotate back), in fp32."""
     x1, x2 = tl.split(tl.reshape(x.to(tl.float32), (ROWS, HEAD_DIM // 2, 2)))  # even, odd lanes
     return tl.reshape(tl.join(x1 * cos - x2 * sin, x1 * sin + x2 * cos), (ROWS, HEAD_DIM))
 
 
+@triton.jit
+def _rope_rows(x, offs, n, Pos, stride_pt, Cos, Sin, sign, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """The (ROWS, HEAD_DIM) tile ``x`` of rows ``offs`` rotated by the angles of positions
+    ``Pos[offs]`` (``sign`` -1.0 rotates back, the transpose), in fp32. Rows >= n take position 0."""
+    cos, sin = _rope_tables(offs, n, Pos, stride_pt, Cos, Sin, HEAD_DIM)
+    return _rotate(x, cos, sin * sign, ROWS, HEAD_DIM)
+
+
 # ---------------------------------------------------------------------------------------------
 # forward
+
+
+@triton.jit
+def _load_k_rope(K, stride_kn, offs_d, offs_n, hi, Pos, stride_pt, Cos, Sin, HEAD_DIM: tl.constexpr):
+    """Key rows ``offs_n`` (rows >= hi: zeros) and their cos/sin tables, not yet rotated."""
+    k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :], mask=offs_n[:, None] < hi, other=0.0)
+    cos, sin = _rope_tables(offs_n, hi, Pos, stride_pt, Cos, Sin, HEAD_DIM)
+    return k, cos, sin
 
 
 @triton.jit
@@ -65,18 +85,29 @@ def _fwd_inner(
     HEAD_DIM: tl.constexpr,
 ):
     """Online-softmax update of (acc, l_i, m_i) over key tiles [lo, hi); m_i is in base-2 units.
-    ROPE: the key tiles are rotated as they are loaded."""
+
+    ROPE: the key tiles are rotated as they are loaded. They go through registers, so Triton's
+    pipeline (asynchronous copies into shared memory) cannot fetch them ahead; this loop loads
+    each raw tile and its cos/sin one iteration early instead (at T = 256 the wait on those loads
+    was the kernel's largest stall, H200 profile in docs/benchmarks.md).
+    """
     offs_nb = tl.arange(0, BLOCK_N)
+    if ROPE:
+        k_next, cos_next, sin_next = _load_k_rope(K, stride_kn, offs_d, lo + offs_nb, hi, Pos, stride_pt, Cos, Sin,
+                                                  HEAD_DIM)
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + offs_nb
         if MASKED:
             in_k = offs_n[:, None] < N_K
+        if ROPE:
+            k = _rotate(k_next, cos_next, sin_next, BLOCK_N, HEAD_DIM).to(k_next.dtype)
+            k_next, cos_next, sin_next = _load_k_rope(K, stride_kn, offs_d, offs_n + BLOCK_N, hi, Pos, stride_pt,
+                                                      Cos, Sin, HEAD_DIM)
+        elif MASKED:
             k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :], mask=in_k, other=0.0)
         else:
             k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :])
-        if ROPE:
-            k = _rope_rows(k, offs_n, N_K, Pos, stride_pt, Cos, Sin, 1.0, BLOCK_N, HEAD_DIM).to(k.dtype)
         qk = tl.dot(q, tl.trans(k))  # (BLOCK_M, BLOCK_N), fp32 accumulation
         if MASKED:
             valid = offs_n[None, :] < N_K
@@ -370,100 +401,6 @@ def _bwd_dq(
              mask=in_q[:, None])
 
 
-@triton.jit
-def _bwd_short(
-    Q, K, V, O, DO, DQ, DK, DV, L, LSE2, Delta, DQacc, Pos, Cos, Sin,
-    stride_qz, stride_qh, stride_qm,
-    stride_kz, stride_kh, stride_kn,
-    stride_vz, stride_vh, stride_vn,
-    stride_oz, stride_oh, stride_om,
-    stride_doz, stride_doh, stride_dom,
-    stride_dqz, stride_dqh, stride_dqm,
-    stride_dkz, stride_dkh, stride_dkn,
-    stride_dvz, stride_dvh, stride_dvn,
-    stride_pz, stride_ph, stride_pt,
-    H, N_Q, N_K, qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, ROPE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """The whole backward of one (batch, head) in one program, for short sequences: dQ, dK, dV
-    from a single P per tile pair (the two-pass backward recomputes P in its dQ pass).
-
-    The program walks the key tiles in order, each against the query tiles that see it (as
-    ``_bwd_dkdv``), and also accumulates each query tile's dS K into an fp32 scratch row block
-    (``DQacc``, only this program's rows; no atomics). A query tile's dQ is complete at the last key
-    tile it sees, which writes it out instead. A prologue computes Delta and lse2 (the two-pass
-    backward's preprocess). ROPE: q and k are rotated as they are loaded, and dQ, dK rotated back
-    before they are stored, so the gradients are those of the unrotated inputs.
-    BLOCK_N must be a multiple of BLOCK_M.
-    """
-    qk_scale, sm_scale = tl.cast(qk_scale, tl.float32), tl.cast(sm_scale, tl.float32)  # fp64 from inductor (torch 2.11)
-    off_zh = tl.program_id(0)
-    off_z = (off_zh // H).to(tl.int64)
-    off_h = (off_zh % H).to(tl.int64)
-    Q += off_z * stride_qz + off_h * stride_qh
-    K += off_z * stride_kz + off_h * stride_kh
-    V += off_z * stride_vz + off_h * stride_vh
-    O += off_z * stride_oz + off_h * stride_oh
-    DO += off_z * stride_doz + off_h * stride_doh
-    DQ += off_z * stride_dqz + off_h * stride_dqh
-    DK += off_z * stride_dkz + off_h * stride_dkh
-    DV += off_z * stride_dvz + off_h * stride_dvh
-    Pos += off_z * stride_pz + off_h * stride_ph
-    rows = off_zh.to(tl.int64) * N_Q
-    L += rows
-    LSE2 += rows
-    Delta += rows
-    DQacc += rows * HEAD_DIM
-    offs_d = tl.arange(0, HEAD_DIM)
-    offs_mb = tl.arange(0, BLOCK_M)
-
-    for start_m in range(0, N_Q, BLOCK_M):  # prologue: `_bwd_preprocess` for this program's rows
-        _store_delta_lse2(O, DO, stride_om, stride_dom, L, Delta, LSE2, start_m + offs_mb, offs_d, N_Q)
-    tl.debug_barrier()  # the rows written above are read below by other threads of the program
-
-    for start_n in range(0, N_K, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        in_k = offs_n[:, None] < N_K
-        k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :], mask=in_k, other=0.0)
-        v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :], mask=in_k, other=0.0)
-        if ROPE:
-            k = _rope_rows(k, offs_n, N_K, Pos, stride_pt, Cos, Sin, 1.0, BLOCK_N, HEAD_DIM).to(k.dtype)
-        dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-        dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-        lo = start_n if IS_CAUSAL else 0  # causal: queries < start_n see none of these keys
-        for start_m in range(lo, N_Q, BLOCK_M):
-            offs_m = start_m + offs_mb
-            in_q = offs_m < N_Q
-            keys_seen = tl.minimum(offs_m + 1, N_K) if IS_CAUSAL else tl.zeros_like(offs_m) + N_K
-            q, do, lse2, delta = _load_q_rows(Q, DO, stride_qm, stride_dom, LSE2, Delta, offs_m, offs_d, N_Q, True)
-            if ROPE:
-                q = _rope_rows(q, offs_m, N_Q, Pos, stride_pt, Cos, Sin, 1.0, BLOCK_M, HEAD_DIM).to(q.dtype)
-            qkT = tl.dot(k, tl.trans(q))  # (BLOCK_N, BLOCK_M); padded key rows are 0, so add 0 to dQ
-            dpT = tl.dot(v, tl.trans(do))
-            pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
-            if IS_CAUSAL:
-                pT = tl.where(offs_m[None, :] >= offs_n[:, None], pT, 0.0)
-            dv = tl.dot(pT.to(do.dtype), do, dv)
-            dsT = pT * (dpT - delta[None, :])
-            dk = tl.dot(dsT.to(q.dtype), q, dk)
-            dq = tl.dot(tl.trans(dsT.to(k.dtype)), k)  # (BLOCK_M, HEAD_DIM)
-            if ROPE:  # (the scratch holds the rotated-back sum)
-                dq = _rope_rows(dq, offs_m, N_Q, Pos, stride_pt, Cos, Sin, -1.0, BLOCK_M, HEAD_DIM)
-            acc_ptrs = DQacc + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
-            after_first = (tl.zeros_like(offs_m) + start_n) > 0  # (as a vector: the interpreter's masks are arrays)
-            dq += tl.load(acc_ptrs, mask=(in_q & after_first)[:, None], other=0.0)
-            last = (keys_seen <= start_n + BLOCK_N) & in_q  # rows whose last visible key tile this is
-            tl.store(DQ + offs_m[:, None] * stride_dqm + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
-                     mask=last[:, None])
-            tl.store(acc_ptrs, dq, mask=(in_q & (last == 0))[:, None])
-        if ROPE:
-            dk = _rope_rows(dk, offs_n, N_K, Pos, stride_pt, Cos, Sin, -1.0, BLOCK_N, HEAD_DIM)
-        tl.store(DK + offs_n[:, None] * stride_dkn + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty), mask=in_k)
-        tl.store(DV + offs_n[:, None] * stride_dvn + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=in_k)
-        tl.debug_barrier()  # DQacc rows stored by this key tile are read by the next one
-
-
 # ---------------------------------------------------------------------------------------------
 # tile configs and autotuning
 
@@ -480,10 +417,11 @@ def _cfg(bm: int, bn: int, warps: int, stages: int, maxnreg: int | None = None) 
 # BLOCK_N in the forward and dQ kernels, and BLOCK_N a multiple of BLOCK_M in the dK/dV kernel.
 # Order: the H100 timings of each config at the leaderboard shape (docs/benchmarks.md, run 3) for
 # bf16 d <= 64; the first fitting config for fp32 and d = 128 kept as GPU-checked in run 1.
-# (128x32/w4/s3/r128 is the fastest at the tinystories-17m shape, T = 256, d = 32, with RoPE inside: H200)
+# At the tinystories-17m shape (T = 256, d = 32; H200) 128x32/w4/s3 is the fastest without RoPE (0.089 ms)
+# and 64x64/w4/s3 with RoPE inside (0.123 ms), hence both among the tuned six.
 FWD_CONFIGS = [
-    _cfg(128, 64, 8, 3), _cfg(128, 64, 8, 4), _cfg(128, 64, 4, 3), _cfg(128, 32, 4, 3, 128), _cfg(128, 64, 4, 4),
-    _cfg(128, 32, 4, 3), _cfg(128, 128, 8, 3), _cfg(64, 64, 4, 3), _cfg(128, 128, 8, 4), _cfg(128, 64, 4, 2),
+    _cfg(128, 64, 8, 3), _cfg(128, 64, 8, 4), _cfg(128, 64, 4, 3), _cfg(64, 64, 4, 3), _cfg(128, 64, 4, 4),
+    _cfg(128, 32, 4, 3), _cfg(128, 128, 8, 3), _cfg(128, 128, 8, 4), _cfg(128, 64, 4, 2),
     _cfg(64, 32, 4, 2), _cfg(32, 32, 4, 2), _cfg(16, 16, 4, 2),
 ]
 DKDV_CONFIGS = [
@@ -494,14 +432,6 @@ DKDV_CONFIGS = [
 DQ_CONFIGS = [
     _cfg(128, 64, 4, 3), _cfg(128, 32, 4, 4), _cfg(128, 64, 8, 3), _cfg(128, 32, 8, 4), _cfg(128, 32, 8, 3),
     _cfg(64, 64, 4, 3), _cfg(64, 64, 4, 4), _cfg(128, 64, 8, 4), _cfg(128, 128, 8, 2), _cfg(64, 32, 4, 2),
-    _cfg(32, 32, 4, 2), _cfg(16, 16, 4, 2),
-]
-# the one-program-per-head backward (``_bwd_short``): BLOCK_N a multiple of BLOCK_M. 64x64/w4 compiles
-# to ~250 registers per thread (two programs per SM); capped at 168 (three) it spills a little and is
-# 8-10% faster at T = 256, d = 32 (H200, eager; see `_cfg`); at 128 (four) it spills more and is slower without RoPE
-SHORT_CONFIGS = [
-    _cfg(64, 64, 4, 3, 168), _cfg(64, 64, 4, 2, 168), _cfg(64, 64, 4, 2), _cfg(64, 64, 4, 3),
-    _cfg(64, 64, 4, 2, 128), _cfg(32, 64, 4, 2, 128), _cfg(32, 64, 4, 2), _cfg(64, 128, 8, 2), _cfg(32, 128, 4, 2),
     _cfg(32, 32, 4, 2), _cfg(16, 16, 4, 2),
 ]
 # (BLOCK_M, BLOCK_N) in the interpreter: small, so CPU tests cross several tiles at tiny sizes
@@ -586,7 +516,6 @@ def _launcher(name: str, kernel, configs: list[triton.Config], interpret_meta: d
 _launch_fwd = _launcher("fwd", _fwd_kernel, FWD_CONFIGS)
 _launch_dkdv = _launcher("dkdv", _bwd_dkdv, DKDV_CONFIGS)
 _launch_dq = _launcher("dq", _bwd_dq, DQ_CONFIGS)
-_launch_short = _launcher("short", _bwd_short, SHORT_CONFIGS)
 
 
 def force_candidate(index: int | None, head_dim: int = 0, dtype: torch.dtype | None = None) -> None:
@@ -685,28 +614,5 @@ def flash_bwd(q, k, v, o, L, do, is_causal: bool):
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dq),
         H, N_Q, N_K, sm_scale * LOG2E, sm_scale,
         HEAD_DIM=D, IS_CAUSAL=bool(is_causal), dtype=q.dtype,
-    )
-    return dq, dk, dv
-
-
-def flash_bwd_short(q, k, v, o, L, do, is_causal: bool, rope: Rope | None = None):
-    """`flash_bwd` as one launch of one program per (batch, head) (``_bwd_short``), for short
-    sequences with many heads. ``rope``: q and k were rotated by the forward; the gradients are
-    those of the unrotated q and k."""
-    Z, H, N_Q, D = q.shape
-    N_K = k.shape[2]
-    sm_scale = 1.0 / math.sqrt(D)
-    delta = _empty((Z * H, N_Q), q, torch.float32)
-    lse2 = _empty((Z * H, N_Q), q, torch.float32)
-    dq_acc = torch.empty((Z * H, N_Q, D), device=q.device, dtype=torch.float32)  # written before it is read
-    dq, dk, dv = _empty_like(q), _empty_like(k), _empty_like(v)
-    pos, cos, sin, *pos_strides = _rope_args(rope, q)
-    _launch_short(
-        lambda meta: (Z * H,),
-        q, k, v, o, do, dq, dk, dv, L, lse2, delta, dq_acc, pos, cos, sin,
-        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o), *_strides3(do),
-        *_strides3(dq), *_strides3(dk), *_strides3(dv), *pos_strides,
-        H, N_Q, N_K, sm_scale * LOG2E, sm_scale,
-        HEAD_DIM=D, IS_CAUSAL=bool(is_causal), dtype=q.dtype, ROPE=rope is not None,
     )
     return dq, dk, dv

@@ -13,7 +13,7 @@ one program per SM. So ``flash_attention`` takes it only while a resident tile i
 forward on an H200 (0.072 vs 0.095 ms per layer at T = 128, 256 sequences); at T = 256 it is slower.
 
 A backward built the same way (Q, dO and dQ resident, Delta in registers, key tiles streamed) was
-measured and removed: it lost to the one-launch backward (``flash_kernels._bwd_short``) at
+measured and removed: it lost to the one-launch backward (``flash_kernels_short._bwd_short``) at
 T = 64..256 (0.19 vs 0.17 ms at T = 128, 0.31 vs 0.23 at T = 256; docs/benchmarks.md, "Short sequences").
 
 RoPE (optional, ``rope=``), as in ``flash_kernels``: q and k are rotated as they are loaded.
