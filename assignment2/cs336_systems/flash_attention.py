@@ -203,20 +203,34 @@ def _rope(pos: torch.Tensor | None, cos: torch.Tensor | None, sin: torch.Tensor 
     return None if pos is None else (pos.unsqueeze(1) if pos.dim() == 2 else pos, cos, sin)
 
 
-def _fwd_fake(q, k, v, is_causal, pos=None, cos=None, sin=None):
+def _fwd_fake(q, k, v, is_causal):
     return _like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
-def _flash_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool,
-    pos: torch.Tensor | None = None, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """O (shape and layout of q) and L (shape of q without d, fp32) from the Triton forward."""
+def _fwd_rope_fake(q, k, v, is_causal, pos, cos, sin):
+    return *_fwd_fake(q, k, v, is_causal), _like(q), _like(k)
+
+
+def _forward_kernels(q: torch.Tensor, k: torch.Tensor):
     from cs336_systems import flash_kernels, flash_kernels_whole
 
-    fwd = flash_kernels_whole.flash_fwd_whole if whole_sequences(q, k) else flash_kernels.flash_fwd
-    o, lse = fwd(_as_4d(q), _as_4d(k), _as_4d(v), is_causal, _rope(pos, cos, sin))
+    return flash_kernels_whole.flash_fwd_whole if whole_sequences(q, k) else flash_kernels.flash_fwd
+
+
+def _flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """O (shape and layout of q) and L (shape of q without d, fp32) from the Triton forward."""
+    o, lse = _forward_kernels(q, k)(_as_4d(q), _as_4d(k), _as_4d(v), is_causal)
     return o.view(q.shape), lse.view(q.shape[:-1])
+
+
+def _flash_fwd_rope(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool,
+    pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`_flash_fwd` with q and k rotated by RoPE inside the kernels: (O, L, q rotated, k rotated),
+    the last two in the layouts of q and k, for the backward."""
+    o, lse, qr, kr = _forward_kernels(q, k)(_as_4d(q), _as_4d(k), _as_4d(v), is_causal, _rope(pos, cos, sin))
+    return o.view(q.shape), lse.view(q.shape[:-1]), qr.view(q.shape), kr.view(k.shape)
 
 
 def _bwd_fake(q, k, v, o, lse, do, is_causal, pos=None, cos=None, sin=None):
@@ -229,7 +243,9 @@ def _flash_bwd(
     pos: torch.Tensor | None = None, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dQ, dK, dV), each in its input's layout, from the Triton backward; dO may be non-contiguous or stride-0.
-    Short sequences take the one-launch backward (the only one that applies RoPE)."""
+    Short sequences take the one-launch backward (the only one that applies RoPE). With ``pos, cos,
+    sin``, q and k are the rotated ones `_flash_fwd_rope` returned, and dQ, dK are those of the
+    unrotated inputs."""
     from cs336_systems import flash_kernels, flash_kernels_short
 
     args = (_as_4d(q), _as_4d(k), _as_4d(v), _as_4d(o), lse.view(-1, q.shape[-2]), _as_4d(do), is_causal)
@@ -241,6 +257,7 @@ def _flash_bwd(
 
 
 flash_fwd_op = kernel_op("cs336_systems::flash_fwd", _fwd_fake)(_flash_fwd)
+flash_fwd_rope_op = kernel_op("cs336_systems::flash_fwd_rope", _fwd_rope_fake)(_flash_fwd_rope)
 flash_bwd_op = kernel_op("cs336_systems::flash_bwd", _bwd_fake)(_flash_bwd)
 
 
@@ -261,8 +278,13 @@ class FlashAttentionTriton(torch.autograd.Function):
                 f"RoPE inside the kernels needs q and k of one shape with at most {SHORT_SEQ_MAX} positions; "
                 f"got q {tuple(Q.shape)}, k {tuple(K.shape)}"
             )
-        rope = () if positions is None else (positions, cos, sin)
-        O, L = (flash_fwd_op if torch.compiler.is_compiling() else _flash_fwd)(Q, K, V, is_causal, *rope)
+        compiling = torch.compiler.is_compiling()
+        if positions is None:
+            rope = ()
+            O, L = (flash_fwd_op if compiling else _flash_fwd)(Q, K, V, is_causal)
+        else:  # the backward takes the rotated q and k the forward wrote (the inputs are not kept)
+            rope = (positions, cos, sin)
+            O, L, Q, K = (flash_fwd_rope_op if compiling else _flash_fwd_rope)(Q, K, V, is_causal, *rope)
         ctx.save_for_backward(Q, K, V, O, L, *rope)
         ctx.is_causal = is_causal
         return O

@@ -15,8 +15,8 @@ Design (H100 notes in ``docs/benchmarks.md``):
   recompute P from L. ``_bwd_preprocess`` computes D = rowsum(dO * O) and lse2 first.
 * short sequences with many heads: the whole backward of a (batch, head) in one program
   (``flash_kernels_short``).
-* RoPE (optional, ``rope=``): q and k rotated as the tiles are loaded (forward, short backward),
-  the gradients rotated back before they are stored.
+* RoPE (optional, ``rope=``): the forward rotates q and k as the tiles are loaded and writes them
+  rotated; the short backward reads those and rotates dQ, dK back before it stores them.
 * tile sizes are autotuned per (seq lens, d, causal, dtype) from short lists; set
   ``CS336_FLASH_AUTOTUNE=0`` to take the first fitting config instead (no tuning runs), and the
   interpreter (``TRITON_INTERPRET=1``) always uses small fixed tiles.
@@ -80,16 +80,16 @@ def _load_k_rope(K, stride_kn, offs_d, offs_n, hi, Pos, stride_pt, Cos, Sin, HEA
 @triton.jit
 def _fwd_inner(
     acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, offs_d, lo, hi, N_K, qk_scale,
-    Pos, stride_pt, Cos, Sin,
+    Pos, stride_pt, Cos, Sin, KR, stride_krn, write_hi,
     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, ROPE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
 ):
     """Online-softmax update of (acc, l_i, m_i) over key tiles [lo, hi); m_i is in base-2 units.
 
-    ROPE: the key tiles are rotated as they are loaded. They go through registers, so Triton's
-    pipeline (asynchronous copies into shared memory) cannot fetch them ahead; this loop loads
-    each raw tile and its cos/sin one iteration early instead (at T = 256 the wait on those loads
-    was the kernel's largest stall, H200 profile in docs/benchmarks.md).
+    ROPE: the key tiles are rotated as they are loaded, and their rows < ``write_hi`` stored rotated into KR.
+    They go through registers, so Triton's pipeline (asynchronous copies into shared memory) cannot
+    fetch them ahead; this loop loads each raw tile and its cos/sin one iteration early instead (at
+    T = 256 the wait on those loads was the kernel's largest stall, H200 profile in docs/benchmarks.md).
     """
     offs_nb = tl.arange(0, BLOCK_N)
     if ROPE:
@@ -102,6 +102,8 @@ def _fwd_inner(
             in_k = offs_n[:, None] < N_K
         if ROPE:
             k = _rotate(k_next, cos_next, sin_next, BLOCK_N, HEAD_DIM).to(k_next.dtype)
+            if MASKED or not IS_CAUSAL:  # (causal: the unmasked tiles belong to other programs' diagonals)
+                tl.store(KR + offs_n[:, None] * stride_krn + offs_d[None, :], k, mask=offs_n[:, None] < write_hi)
             k_next, cos_next, sin_next = _load_k_rope(K, stride_kn, offs_d, offs_n + BLOCK_N, hi, Pos, stride_pt,
                                                       Cos, Sin, HEAD_DIM)
         elif MASKED:
@@ -133,18 +135,22 @@ def _fwd_inner(
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, L, Pos, Cos, Sin,
+    Q, K, V, O, L, Pos, Cos, Sin, QR, KR,
     stride_qz, stride_qh, stride_qm,
     stride_kz, stride_kh, stride_kn,
     stride_vz, stride_vh, stride_vn,
     stride_oz, stride_oh, stride_om,
     stride_pz, stride_ph, stride_pt,
+    stride_qrz, stride_qrh, stride_qrm,
+    stride_krz, stride_krh, stride_krn,
     H, N_Q, N_K, qk_scale,
     HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, ROPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """O and L of one query tile. ROPE: q and k are rotated as they are loaded (positions
-    ``Pos[z, h, t]``, one table for queries and keys, so N_Q == N_K)."""
+    ``Pos[z, h, t]``, one table for queries and keys, so N_Q == N_K) and written rotated to QR, KR
+    for the backward: each program its q tile; each key tile by one program (causal: the one whose
+    diagonal holds it, in its masked loop; else the first query tile)."""
     qk_scale = tl.cast(qk_scale, tl.float32)  # inductor (torch 2.11) passes Python floats as fp64
     off_zh = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -158,6 +164,8 @@ def _fwd_kernel(
     O += off_z * stride_oz + off_h * stride_oh
     L += off_zh.to(tl.int64) * N_Q
     Pos += off_z * stride_pz + off_h * stride_ph
+    QR += off_z * stride_qrz + off_h * stride_qrh
+    KR += off_z * stride_krz + off_h * stride_krh
 
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -166,6 +174,7 @@ def _fwd_kernel(
     q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :], mask=in_q, other=0.0)
     if ROPE:
         q = _rope_rows(q, offs_m, N_Q, Pos, stride_pt, Cos, Sin, 1.0, BLOCK_M, HEAD_DIM).to(q.dtype)
+        tl.store(QR + offs_m[:, None] * stride_qrm + offs_d[None, :], q, mask=in_q)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -175,15 +184,17 @@ def _fwd_kernel(
         # keys < start_m are visible to every row of the tile; keys >= start_m + BLOCK_M to none
         lo_masked = tl.minimum(start_m, full_k)
         hi = tl.minimum(start_m + BLOCK_M, N_K)
+        write_unmasked, write_masked = 0, hi  # (RoPE: which rotated K rows this program writes)
     else:
         lo_masked = full_k
         hi = N_K
+        write_unmasked, write_masked = tl.where(pid_m == 0, lo_masked, 0), tl.where(pid_m == 0, hi, 0)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, offs_d,
-                               0, lo_masked, N_K, qk_scale, Pos, stride_pt, Cos, Sin,
-                               BLOCK_N, False, IS_CAUSAL, ROPE, HEAD_DIM)
+                               0, lo_masked, N_K, qk_scale, Pos, stride_pt, Cos, Sin, KR, stride_krn,
+                               write_unmasked, BLOCK_N, False, IS_CAUSAL, ROPE, HEAD_DIM)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, offs_d,
-                               lo_masked, hi, N_K, qk_scale, Pos, stride_pt, Cos, Sin,
-                               BLOCK_N, True, IS_CAUSAL, ROPE, HEAD_DIM)
+                               lo_masked, hi, N_K, qk_scale, Pos, stride_pt, Cos, Sin, KR, stride_krn,
+                               write_masked, BLOCK_N, True, IS_CAUSAL, ROPE, HEAD_DIM)
     o = acc / l_i[:, None]
     tl.store(O + offs_m[:, None] * stride_om + offs_d[None, :], o.to(O.dtype.element_ty), mask=in_q)
     tl.store(L + offs_m, (m_i + tl.math.log2(l_i)) * LN2, mask=offs_m < N_Q)
@@ -569,23 +580,35 @@ def _rope_args(rope: Rope | None, like: torch.Tensor) -> tuple:
     return pos, cos, sin, *_strides3(pos)
 
 
+def _rotated_outputs(rope: Rope | None, q: torch.Tensor, k: torch.Tensor) -> tuple:
+    """A forward's buffers for the rotated q and k (layouts of q and k) and their 6 strides, with
+    ``rope``; else placeholders the kernel never touches."""
+    if rope is None:
+        return (q, k), (0,) * 6
+    qr, kr = _empty_like(q), _empty_like(k)
+    return (qr, kr), (*_strides3(qr), *_strides3(kr))
+
+
 def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool,
-              rope: Rope | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              rope: Rope | None = None) -> tuple[torch.Tensor, ...]:
     """q (Z, H, N_Q, D), k, v (Z, H, N_K, D), last dim contiguous -> O (shape and layout of q),
-    L (Z*H, N_Q) fp32. ``rope`` (N_Q == N_K): rotate q and k by RoPE as they are loaded."""
+    L (Z*H, N_Q) fp32. ``rope`` (N_Q == N_K): rotate q and k by RoPE as they are loaded, and also
+    return them rotated (layouts of q and k): (O, L, q_rot, k_rot), what the backward takes."""
     Z, H, N_Q, D = q.shape
     N_K = k.shape[2]
     o = _empty_like(q)
     L = _empty((Z * H, N_Q), q, torch.float32)
     sm_scale = 1.0 / math.sqrt(D)
     pos, cos, sin, *pos_strides = _rope_args(rope, q)
+    rotated, rot_strides = _rotated_outputs(rope, q, k)
     _launch_fwd(
         lambda meta: (Z * H, triton.cdiv(N_Q, meta["BLOCK_M"])),
-        q, k, v, o, L, pos, cos, sin, *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o), *pos_strides,
+        q, k, v, o, L, pos, cos, sin, *rotated,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o), *pos_strides, *rot_strides,
         H, N_Q, N_K, sm_scale * LOG2E,
         HEAD_DIM=D, IS_CAUSAL=bool(is_causal), dtype=q.dtype, ROPE=rope is not None,
     )
-    return o, L
+    return (o, L) if rope is None else (o, L, *rotated)
 
 
 def flash_bwd(q, k, v, o, L, do, is_causal: bool):

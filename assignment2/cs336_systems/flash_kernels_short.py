@@ -13,14 +13,16 @@ the program mostly waits on memory, so the code is arranged around latency (H200
 * no prologue: the first key tile, which every query tile sees, computes Delta = rowsum(dO * O)
   from the O rows it loads and stores it for the later key tiles; lse2 = L * log2(e) is taken
   where it is used;
-* tiles are fetched one iteration ahead into registers (the next key tile and its RoPE tables
-  during the current key tile; the next query tile's Q, dO, L, Delta or O and RoPE tables during
-  the current one), because the loops are too short, and the RoPE tiles pass through registers,
-  for Triton's own pipelining to hide the loads. The dQ partial sum, used last, is loaded at the
-  start of its own iteration (one tile ahead it would cost 16 more registers per thread).
+* tiles are fetched one iteration ahead into registers (the next key tile during the current key
+  tile, the next query tile's Q, dO, L and Delta or O during the current one), because the loops
+  are too short for Triton's own pipelining to hide the loads. What is used last in an iteration
+  (the dQ partial sum, RoPE tables) is loaded at its start.
 
-RoPE (optional, ``rope=``): q and k are rotated as they are loaded, and dQ, dK rotated back before
-they are stored, so the gradients are those of the unrotated inputs.
+RoPE (optional, ``rope=``): q and k are the *rotated* ones, as the forward wrote them
+(``flash_kernels.flash_fwd`` with ``rope``), so nothing is rotated per tile pair; dK and the finished
+dQ are rotated back before they are stored, so the gradients are those of the unrotated inputs.
+(Rotating q and k here as they were loaded cost 1.5x the backward's time at T = 256: the RoPE tables
+of the current and next tiles took the registers, and the kernel spilled.)
 """
 
 from __future__ import annotations
@@ -48,29 +50,21 @@ LOG2E_K: tl.constexpr = tl.constexpr(LOG2E)
 
 
 @triton.jit
-def _load_key_tile(K, V, stride_kn, stride_vn, Pos, stride_pt, Cos, Sin, start_n, N_K,
-                   BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, ROPE: tl.constexpr):
-    """K and V rows [start_n, start_n + BLOCK_N) (rows >= N_K: zeros) and, with ROPE, their cos/sin
-    (else two placeholders)."""
+def _load_key_tile(K, V, stride_kn, stride_vn, start_n, N_K, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """K and V rows [start_n, start_n + BLOCK_N) (rows >= N_K: zeros)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     in_k = offs_n[:, None] < N_K
     k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :], mask=in_k, other=0.0)
     v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :], mask=in_k, other=0.0)
-    if ROPE:
-        cos, sin = _rope_tables(offs_n, N_K, Pos, stride_pt, Cos, Sin, HEAD_DIM)
-    else:
-        cos, sin = 0.0, 0.0
-    return k, v, cos, sin
+    return k, v
 
 
 @triton.jit
-def _load_query_tile(Q, DO, O, L, Delta, stride_qm, stride_dom, stride_om, Pos, stride_pt, Cos, Sin,
-                     start_m, N_Q,
-                     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, FIRST: tl.constexpr, ROPE: tl.constexpr):
+def _load_query_tile(Q, DO, O, L, Delta, stride_qm, stride_dom, stride_om, start_m, N_Q,
+                     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, FIRST: tl.constexpr):
     """What one query tile's step needs, rows [start_m, start_m + BLOCK_M) (rows >= N_Q: zeros, and
-    lse = +inf so that P = 0): q, dO, L, then O (FIRST: Delta is still to be computed) or Delta, and
-    q's cos/sin (without ROPE: placeholders)."""
+    lse = +inf so that P = 0): q, dO, L, then O (FIRST: Delta is still to be computed) or Delta."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     in_q = offs_m < N_Q
@@ -81,51 +75,48 @@ def _load_query_tile(Q, DO, O, L, Delta, stride_qm, stride_dom, stride_om, Pos, 
         o_or_delta = tl.load(O + offs_m[:, None] * stride_om + offs_d[None, :], mask=in_q[:, None], other=0.0)
     else:
         o_or_delta = tl.load(Delta + offs_m, mask=in_q, other=0.0)
-    if ROPE:
-        cos, sin = _rope_tables(offs_m, N_Q, Pos, stride_pt, Cos, Sin, HEAD_DIM)
-    else:
-        cos, sin = 0.0, 0.0
-    return q, do, lse, o_or_delta, cos, sin
+    return q, do, lse, o_or_delta
 
 
 @triton.jit
 def _key_tile(
-    k, v, cos_k, sin_k, start_n, Q, DO, O, L, Delta, DQacc, DQ, DK, DV, Pos, Cos, Sin,
+    k, v, start_n, Q, DO, O, L, Delta, DQacc, DQ, DK, DV, Pos, Cos, Sin,
     stride_qm, stride_dom, stride_om, stride_dqm, stride_dkn, stride_dvn, stride_pt,
     N_Q, N_K, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, ROPE: tl.constexpr, FIRST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One key tile (k, v already loaded, k not yet rotated) against the query tiles that see it:
-    dK and dV stored; dQ of finished query rows stored, the others' partial sums kept in DQacc."""
+    """One key tile (k, v already loaded) against the query tiles that see it: dK and dV stored; dQ
+    of finished query rows stored, the others' partial sums kept in DQacc (with ROPE, in the rotated
+    frame: only the finished dQ is rotated back)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_mb = tl.arange(0, BLOCK_M)
-    if ROPE:
-        k = _rotate(k, cos_k, sin_k, BLOCK_N, HEAD_DIM).to(v.dtype)
+    if ROPE:  # for dK at the end (loaded now, it is there by then)
+        cos_k, sin_k = _rope_tables(offs_n, N_K, Pos, stride_pt, Cos, Sin, HEAD_DIM)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     lo = start_n if IS_CAUSAL else 0  # causal: queries < start_n see none of these keys
-    q_n, do_n, lse_n, od_n, cos_n, sin_n = _load_query_tile(
-        Q, DO, O, L, Delta, stride_qm, stride_dom, stride_om, Pos, stride_pt, Cos, Sin, lo, N_Q,
-        BLOCK_M, HEAD_DIM, FIRST, ROPE)
+    q_n, do_n, lse_n, od_n = _load_query_tile(Q, DO, O, L, Delta, stride_qm, stride_dom, stride_om, lo, N_Q,
+                                              BLOCK_M, HEAD_DIM, FIRST)
     for start_m in range(lo, N_Q, BLOCK_M):
-        q, do, lse, o_or_delta, cos_q, sin_q = q_n, do_n, lse_n, od_n, cos_n, sin_n
-        q_n, do_n, lse_n, od_n, cos_n, sin_n = _load_query_tile(  # the next query tile, while this one runs
-            Q, DO, O, L, Delta, stride_qm, stride_dom, stride_om, Pos, stride_pt, Cos, Sin,
-            start_m + BLOCK_M, N_Q, BLOCK_M, HEAD_DIM, FIRST, ROPE)
+        q, do, lse, o_or_delta = q_n, do_n, lse_n, od_n
+        q_n, do_n, lse_n, od_n = _load_query_tile(  # the next query tile, while this one runs
+            Q, DO, O, L, Delta, stride_qm, stride_dom, stride_om, start_m + BLOCK_M, N_Q, BLOCK_M, HEAD_DIM, FIRST)
         offs_m = start_m + offs_mb
         in_q = offs_m < N_Q
+        keys_seen = tl.minimum(offs_m + 1, N_K) if IS_CAUSAL else tl.zeros_like(offs_m) + N_K
+        last = (keys_seen <= start_n + BLOCK_N) & in_q  # rows whose last visible key tile this is
         acc_ptrs = DQacc + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
-        if not FIRST:  # (used last: issued first, it arrives during the dots)
+        if not FIRST:  # (the partial sum and the tables are used last: issued first, they arrive during the dots)
             dq_partial = tl.load(acc_ptrs, mask=in_q[:, None], other=0.0)
+        if ROPE:
+            cos_q, sin_q = _rope_tables(offs_m, N_Q, Pos, stride_pt, Cos, Sin, HEAD_DIM)
         if FIRST:  # Delta of these rows, for this and the later key tiles
             delta = tl.sum(o_or_delta.to(tl.float32) * do.to(tl.float32), axis=1)
             tl.store(Delta + offs_m, delta, mask=in_q)
         else:
             delta = o_or_delta
-        if ROPE:
-            q = _rotate(q, cos_q, sin_q, BLOCK_M, HEAD_DIM).to(do.dtype)
         qkT = tl.dot(k, tl.trans(q))  # (BLOCK_N, BLOCK_M); padded key rows are 0, so they add 0 to dQ
         dpT = tl.dot(v, tl.trans(do))
         pT = tl.math.exp2(qkT * qk_scale - (lse * LOG2E_K)[None, :])
@@ -135,13 +126,13 @@ def _key_tile(
         dsT = pT * (dpT - delta[None, :])
         dk = tl.dot(dsT.to(q.dtype), q, dk)
         dq = tl.dot(tl.trans(dsT.to(k.dtype)), k)  # (BLOCK_M, HEAD_DIM)
-        if ROPE:  # (the scratch holds the rotated-back sum)
-            dq = _rotate(dq, cos_q, -sin_q, BLOCK_M, HEAD_DIM)
         if not FIRST:
             dq += dq_partial
-        keys_seen = tl.minimum(offs_m + 1, N_K) if IS_CAUSAL else tl.zeros_like(offs_m) + N_K
-        last = (keys_seen <= start_n + BLOCK_N) & in_q  # rows whose last visible key tile this is
-        tl.store(DQ + offs_m[:, None] * stride_dqm + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
+        if ROPE:
+            dq_out = _rotate(dq, cos_q, -sin_q, BLOCK_M, HEAD_DIM)
+        else:
+            dq_out = dq
+        tl.store(DQ + offs_m[:, None] * stride_dqm + offs_d[None, :], (dq_out * sm_scale).to(DQ.dtype.element_ty),
                  mask=last[:, None])
         tl.store(acc_ptrs, dq, mask=(in_q & (last == 0))[:, None])
     if ROPE:
@@ -187,24 +178,22 @@ def _bwd_short(
     Delta += rows
     DQacc += rows * HEAD_DIM
 
-    k, v, cos_k, sin_k = _load_key_tile(K, V, stride_kn, stride_vn, Pos, stride_pt, Cos, Sin, 0, N_K,
-                                        BLOCK_N, HEAD_DIM, ROPE)
-    k_n, v_n, cos_n, sin_n = _load_key_tile(K, V, stride_kn, stride_vn, Pos, stride_pt, Cos, Sin, BLOCK_N, N_K,
-                                            BLOCK_N, HEAD_DIM, ROPE)
-    _key_tile(k, v, cos_k, sin_k, 0, Q, DO, O, L, Delta, DQacc, DQ, DK, DV, Pos, Cos, Sin,
-              stride_qm, stride_dom, stride_om, stride_dqm, stride_dkn, stride_dvn, stride_pt, N_Q, N_K, qk_scale, sm_scale,
-              HEAD_DIM, IS_CAUSAL, ROPE, True, BLOCK_M, BLOCK_N)
+    k, v = _load_key_tile(K, V, stride_kn, stride_vn, 0, N_K, BLOCK_N, HEAD_DIM)
+    k_n, v_n = _load_key_tile(K, V, stride_kn, stride_vn, BLOCK_N, N_K, BLOCK_N, HEAD_DIM)
+    _key_tile(k, v, 0, Q, DO, O, L, Delta, DQacc, DQ, DK, DV, Pos, Cos, Sin,
+              stride_qm, stride_dom, stride_om, stride_dqm, stride_dkn, stride_dvn, stride_pt, N_Q, N_K,
+              qk_scale, sm_scale, HEAD_DIM, IS_CAUSAL, ROPE, True, BLOCK_M, BLOCK_N)
     for start_n in range(BLOCK_N, N_K, BLOCK_N):
-        k, v, cos_k, sin_k = k_n, v_n, cos_n, sin_n
-        k_n, v_n, cos_n, sin_n = _load_key_tile(K, V, stride_kn, stride_vn, Pos, stride_pt, Cos, Sin,
-                                                start_n + BLOCK_N, N_K, BLOCK_N, HEAD_DIM, ROPE)
-        _key_tile(k, v, cos_k, sin_k, start_n, Q, DO, O, L, Delta, DQacc, DQ, DK, DV, Pos, Cos, Sin,
-              stride_qm, stride_dom, stride_om, stride_dqm, stride_dkn, stride_dvn, stride_pt, N_Q, N_K, qk_scale, sm_scale,
-                  HEAD_DIM, IS_CAUSAL, ROPE, False, BLOCK_M, BLOCK_N)
+        k, v = k_n, v_n
+        k_n, v_n = _load_key_tile(K, V, stride_kn, stride_vn, start_n + BLOCK_N, N_K, BLOCK_N, HEAD_DIM)
+        _key_tile(k, v, start_n, Q, DO, O, L, Delta, DQacc, DQ, DK, DV, Pos, Cos, Sin,
+                  stride_qm, stride_dom, stride_om, stride_dqm, stride_dkn, stride_dvn, stride_pt, N_Q, N_K,
+                  qk_scale, sm_scale, HEAD_DIM, IS_CAUSAL, ROPE, False, BLOCK_M, BLOCK_N)
 
 
 # Tile configs, BLOCK_N a multiple of BLOCK_M, fastest first at T = 256, d = 32 (H200, docs/benchmarks.md):
-# without RoPE 32x128 0.207 ms, 64x64 0.213, 32x64 0.234; RoPE inside 0.318 / 0.320 / 0.315. No register
+# without RoPE 32x128 0.208 ms, 64x64 0.215, 32x64 0.235; RoPE inside (rotated q, k from the forward)
+# 0.256 / 0.296 / 0.298. No register
 # caps: with the tiles fetched ahead these configs already need ~255 registers, and capped (168) they
 # spilled enough to run 1.8-2.4x slower (and inductor drops caps anyway, see ``flash_kernels._cfg``).
 SHORT_CONFIGS = [
@@ -216,8 +205,8 @@ _launch_short = _launcher("short", _bwd_short, SHORT_CONFIGS)
 
 def flash_bwd_short(q, k, v, o, L, do, is_causal: bool, rope: Rope | None = None):
     """(dQ, dK, dV), each in the layout of its input, as ``flash_kernels.flash_bwd`` gives them, in one
-    launch of one program per (batch, head). ``rope``: q and k were rotated by the forward; the
-    gradients are those of the unrotated q and k."""
+    launch of one program per (batch, head). ``rope``: q and k are the rotated ones the forward
+    returned; the gradients are those of the unrotated q and k."""
     Z, H, N_Q, D = q.shape
     N_K = k.shape[2]
     sm_scale = 1.0 / math.sqrt(D)

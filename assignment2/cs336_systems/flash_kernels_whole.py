@@ -16,7 +16,8 @@ A backward built the same way (Q, dO and dQ resident, Delta in registers, key ti
 measured and removed: it lost to the one-launch backward (``flash_kernels_short._bwd_short``) at
 T = 64..256 (0.19 vs 0.17 ms at T = 128, 0.31 vs 0.23 at T = 256; docs/benchmarks.md, "Short sequences").
 
-RoPE (optional, ``rope=``), as in ``flash_kernels``: q and k are rotated as they are loaded.
+RoPE (optional, ``rope=``), as in ``flash_kernels``: q and k are rotated as they are loaded, and
+written rotated for the backward.
 """
 
 from __future__ import annotations
@@ -36,23 +37,27 @@ from cs336_systems.flash_kernels import (
     _launcher,
     _rope_args,
     _rope_rows,
+    _rotated_outputs,
     _strides3,
 )
 
 
 @triton.jit
 def _fwd_whole(
-    Q, K, V, O, L, Pos, Cos, Sin,
+    Q, K, V, O, L, Pos, Cos, Sin, QR, KR,
     stride_qz, stride_qh, stride_qm,
     stride_kz, stride_kh, stride_kn,
     stride_vz, stride_vh, stride_vn,
     stride_oz, stride_oh, stride_om,
     stride_pz, stride_ph, stride_pt,
+    stride_qrz, stride_qrh, stride_qrm,
+    stride_krz, stride_krh, stride_krn,
     H, N_Q, N_K, qk_scale,
     HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, ROPE: tl.constexpr,
     SEQ: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """O and L of one (batch, head): K, V (SEQ >= N_K rows) resident, query tiles of BLOCK_M rows."""
+    """O and L of one (batch, head): K, V (SEQ >= N_K rows) resident, query tiles of BLOCK_M rows.
+    ROPE: the rotated q and k also written to QR, KR (for the backward)."""
     qk_scale = tl.cast(qk_scale, tl.float32)  # inductor (torch 2.11) passes Python floats as fp64
     off_zh = tl.program_id(0)
     off_z = (off_zh // H).to(tl.int64)
@@ -63,6 +68,8 @@ def _fwd_whole(
     O += off_z * stride_oz + off_h * stride_oh
     L += off_zh.to(tl.int64) * N_Q
     Pos += off_z * stride_pz + off_h * stride_ph
+    QR += off_z * stride_qrz + off_h * stride_qrh
+    KR += off_z * stride_krz + off_h * stride_krh
 
     offs_d = tl.arange(0, HEAD_DIM)
     offs_n = tl.arange(0, SEQ)
@@ -71,12 +78,14 @@ def _fwd_whole(
     v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :], mask=in_k[:, None], other=0.0)
     if ROPE:
         k = _rope_rows(k, offs_n, N_K, Pos, stride_pt, Cos, Sin, 1.0, SEQ, HEAD_DIM).to(k.dtype)
+        tl.store(KR + offs_n[:, None] * stride_krn + offs_d[None, :], k, mask=in_k[:, None])
     for start_m in range(0, N_Q, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         in_q = offs_m < N_Q
         q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :], mask=in_q[:, None], other=0.0)
         if ROPE:
             q = _rope_rows(q, offs_m, N_Q, Pos, stride_pt, Cos, Sin, 1.0, BLOCK_M, HEAD_DIM).to(q.dtype)
+            tl.store(QR + offs_m[:, None] * stride_qrm + offs_d[None, :], q, mask=in_q[:, None])
         s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, SEQ), base-2 units
         valid = in_k[None, :]
         if IS_CAUSAL:  # (every row sees key 0, so no row is all -inf)
@@ -114,17 +123,19 @@ _launch_fwd = _launcher("fwd_whole", _fwd_whole, FWD_WHOLE_CONFIGS, {"BLOCK_M": 
 
 
 def flash_fwd_whole(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool,
-                    rope: Rope | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    rope: Rope | None = None) -> tuple[torch.Tensor, ...]:
     """`flash_kernels.flash_fwd` (same arguments and results) with one program per (batch, head)."""
     Z, H, N_Q, D = q.shape
     N_K = k.shape[2]
     o = _empty_like(q)
     L = _empty((Z * H, N_Q), q, torch.float32)
     pos, cos, sin, *pos_strides = _rope_args(rope, q)
+    rotated, rot_strides = _rotated_outputs(rope, q, k)
     _launch_fwd(
         lambda meta: (Z * H,),
-        q, k, v, o, L, pos, cos, sin, *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o), *pos_strides,
+        q, k, v, o, L, pos, cos, sin, *rotated,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o), *pos_strides, *rot_strides,
         H, N_Q, N_K, LOG2E / math.sqrt(D),
         HEAD_DIM=D, IS_CAUSAL=bool(is_causal), dtype=q.dtype, ROPE=rope is not None, SEQ=seq_pad(N_Q, N_K),
     )
-    return o, L
+    return (o, L) if rope is None else (o, L, *rotated)

@@ -21,6 +21,7 @@ from cs336_systems.flash_attention import (
     flash_attn_mha,
     flash_bwd_op,
     flash_fwd_op,
+    flash_fwd_rope_op,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -200,6 +201,28 @@ def test_interp_rope_inside_kernels(positions, is_causal, rotating_kind):
 
 
 @interp_only
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("t", [40, 77])
+def test_interp_forward_writes_rotated_q_and_k(t, is_causal, rotating_kind, monkeypatch):
+    # the backward reads the q and k the forward rotated instead of rotating them again: every row
+    # must be written (the buffers start as NaN) and equal RoPE's formula, causal or not, ragged tails too
+    from cs336_systems import flash_kernels
+
+    monkeypatch.setattr(flash_kernels, "POISON_OUTPUTS", True)
+    g = torch.Generator().manual_seed(t)
+    q, k, v = (torch.randn(2, t, 3, 16, generator=g).transpose(1, 2) for _ in range(3))
+    pos = torch.randperm(t, generator=g)
+    rope = RotaryPositionalEmbedding(10000.0, 16, t)
+    o, _, q_rot, k_rot = flash_fwd_rope_op(q, k, v, is_causal, pos.expand(2, 3, t), rope.cos, rope.sin)
+    for got, x in ((q_rot, q), (k_rot, k)):
+        assert got.stride() == x.stride()
+        torch.testing.assert_close(got.double(), rope_reference(x.double(), pos), atol=1e-5, rtol=1e-5)
+    o_ref, _ = attention_reference(rope_reference(q.double(), pos), rope_reference(k.double(), pos), v.double(),
+                                   is_causal)
+    assert rel_err(o, o_ref) < 1e-5
+
+
+@interp_only
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(n_q=st.integers(1, 80), n_k=st.integers(1, 80), is_causal=st.booleans(), use_rope=st.booleans(),
        seed=st.integers(0, 2**16))
@@ -283,8 +306,9 @@ def test_interp_custom_ops_pass_opcheck(rotating_kind):
     do = torch.randn(o.shape, generator=g)
     torch.library.opcheck(flash_bwd_op, (q, k, v, o, lse, do, True))
     rope = (torch.arange(40).expand(1, 2, 40), *(torch.rand(40, 8, generator=g) for _ in range(2)))
-    torch.library.opcheck(flash_fwd_op, (q, k, v, True, *rope))
-    torch.library.opcheck(flash_bwd_op, (q, k, v, o, lse, do, True, *rope))
+    torch.library.opcheck(flash_fwd_rope_op, (q, k, v, True, *rope))
+    o, lse, q_rot, k_rot = flash_fwd_rope_op(q, k, v, True, *rope)
+    torch.library.opcheck(flash_bwd_op, (q_rot, k_rot, v, o, lse, do, True, *rope))
 
 
 @interp_only
