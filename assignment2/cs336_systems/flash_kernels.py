@@ -86,7 +86,8 @@ def _fwd_inner(
 ):
     """Online-softmax update of (acc, l_i, m_i) over key tiles [lo, hi); m_i is in base-2 units.
 
-    ROPE: the key tiles are rotated as they are loaded, and their rows < ``write_hi`` stored rotated into KR.
+    ROPE: the key tiles are rotated as they are loaded, and their rows < ``write_hi`` stored rotated into KR
+    (causal: in the masked loop only; the unmasked tiles are other programs' diagonals).
     They go through registers, so Triton's pipeline (asynchronous copies into shared memory) cannot
     fetch them ahead; this loop loads each raw tile and its cos/sin one iteration early instead (at
     T = 256 the wait on those loads was the kernel's largest stall, H200 profile in docs/benchmarks.md).
@@ -102,7 +103,7 @@ def _fwd_inner(
             in_k = offs_n[:, None] < N_K
         if ROPE:
             k = _rotate(k_next, cos_next, sin_next, BLOCK_N, HEAD_DIM).to(k_next.dtype)
-            if MASKED or not IS_CAUSAL:  # (causal: the unmasked tiles belong to other programs' diagonals)
+            if MASKED or not IS_CAUSAL:
                 tl.store(KR + offs_n[:, None] * stride_krn + offs_d[None, :], k, mask=offs_n[:, None] < write_hi)
             k_next, cos_next, sin_next = _load_k_rope(K, stride_kn, offs_d, offs_n + BLOCK_N, hi, Pos, stride_pt,
                                                       Cos, Sin, HEAD_DIM)
@@ -184,7 +185,7 @@ def _fwd_kernel(
         # keys < start_m are visible to every row of the tile; keys >= start_m + BLOCK_M to none
         lo_masked = tl.minimum(start_m, full_k)
         hi = tl.minimum(start_m + BLOCK_M, N_K)
-        write_unmasked, write_masked = 0, hi  # (RoPE: which rotated K rows this program writes)
+        write_unmasked, write_masked = 0, hi  # (RoPE: which rotated K rows this program writes; 0 unused)
     else:
         lo_masked = full_k
         hi = N_K

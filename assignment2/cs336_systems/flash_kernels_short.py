@@ -193,9 +193,9 @@ def _bwd_short(
 
 # Tile configs, BLOCK_N a multiple of BLOCK_M, fastest first at T = 256, d = 32 (H200, docs/benchmarks.md):
 # without RoPE 32x128 0.208 ms, 64x64 0.215, 32x64 0.235; RoPE inside (rotated q, k from the forward)
-# 0.256 / 0.296 / 0.298. No register
-# caps: with the tiles fetched ahead these configs already need ~255 registers, and capped (168) they
-# spilled enough to run 1.8-2.4x slower (and inductor drops caps anyway, see ``flash_kernels._cfg``).
+# 0.256 / 0.296 / 0.298. No register caps: with the tiles fetched ahead these configs already need
+# ~255 registers, and capped (168) they spilled enough to run 1.8-2.4x slower (and inductor drops
+# caps anyway, see ``flash_kernels._cfg``).
 SHORT_CONFIGS = [
     _cfg(32, 128, 4, 2), _cfg(64, 64, 4, 2), _cfg(32, 64, 4, 2), _cfg(64, 64, 4, 3), _cfg(64, 128, 8, 2),
     _cfg(64, 64, 8, 2), _cfg(32, 64, 8, 2), _cfg(32, 32, 4, 2), _cfg(16, 16, 4, 2),
