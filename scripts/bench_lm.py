@@ -4,7 +4,7 @@ Same shape (the ``tinystories-17m`` preset: d_model 512, 4 layers, 16 heads, d_f
 256, vocab 10K), same batch (128), bf16 autocast, TF32 on, same step (forward, loss, backward,
 clip to norm 1, optimizer step, zero_grad), measured in one process, one after the other.
 
-Variants ``{impl}-{mode}[-{optimizer}[-{loss}[-{ops}[-{attn}]]]]``:
+Variants ``{impl}-{mode}[-{optimizer}[-{loss}[-{ops}[-{attn}[-{proj}]]]]]``:
 - impl ``ours``: ``cs336_basics.model.TransformerLM`` (attention backend ``sdpa``) and our
   ``clip_grad_norm``; optimizer ``foreach`` (our ``AdamW(fused=False)``, multi-tensor
   ``torch._foreach_*``) or ``fused`` (our ``AdamW(fused=True)``, one Triton kernel per step); loss
@@ -21,7 +21,9 @@ Variants ``{impl}-{mode}[-{optimizer}[-{loss}[-{ops}[-{attn}]]]]``:
   CUDA); attn ``sdpa`` (PyTorch's SDPA, its default backend: cuDNN on Hopper; default) or ``flash``
   (our Triton FlashAttention-2 of ``cs336_systems``, ``triton_op`` operators that inductor launches;
   RoPE applied inside its kernels) or ``flashsep`` (the same with RoPE as its own kernels first) or
-  ``flash2p`` (RoPE as its own kernels and the two-pass backward, ``SHORT_SEQ_MAX = 0``).
+  ``flash2p`` (RoPE as its own kernels and the two-pass backward, ``SHORT_SEQ_MAX = 0``); proj
+  ``fusedproj`` (one [q; k; v] and one [W1; W3] matmul, ``fuse_projections``; default) or
+  ``sepproj`` (one matmul per projection, as the HF model).
 - impl ``hf``: ``LlamaForCausalLM`` (``attn_implementation="sdpa"``, same initial weights), the loss
   it uses internally (``F.cross_entropy`` on fp32 logits), ``torch.nn.utils.clip_grad_norm_`` and
   ``torch.optim.AdamW(fused=True)``.
@@ -70,31 +72,42 @@ QUICK_VARIANTS = ["hf-eager", "ours-eager-fused-tritonce", "ours-eager-fused-tri
 
 
 def make_variant(name: str, cfg, device):
-    """(model, optimizer, loss_fn, clip_fn) for a variant name (see the module docstring)."""
+    """(model, optimizer, loss_fn, clip_fn, set_globals) for a variant name (see the module docstring)."""
     impl, mode, *rest = name.split("-")
-    opt_impl, loss_impl, ops_impl, attn = (rest + ["foreach", "torchce", "torchops", "sdpa"][len(rest):])[:4]
+    defaults = ["foreach", "torchce", "torchops", "sdpa", "fusedproj"]
+    opt_impl, loss_impl, ops_impl, attn, proj = (rest + defaults[len(rest):])[:5]
     assert impl in ("ours", "hf") and mode in ("eager", "compiled", "graphed"), name
     assert opt_impl in ("foreach", "fused") and loss_impl in ("torchce", "tritonce", "modelce", "headce"), name
     assert impl == "ours" or loss_impl == "torchce", name
     assert ops_impl in ("torchops", "tritonops"), name
     assert attn in ("sdpa", "flash", "flashsep", "flash2p") and (impl == "ours" or attn == "sdpa"), name
-    # read at every forward, holds until the next variant; compiled, only the kernels in
-    # COMPILED_KERNELS replace inductor's fusion, and True keeps the fused LM head + loss of headce
-    cs336_model.FUSED_KERNELS = ops_impl == "tritonops" or mode != "eager"
-    cs336_model.COMPILED_KERNELS = {"fused_rope"} if ops_impl == "tritonops" else set()
-    cs336_model.FUSED_LM_HEAD = loss_impl == "headce"  # modelce: the head GEMM + Triton loss, also compiled
+    assert proj in ("fusedproj", "sepproj") and (impl == "ours" or proj == "fusedproj"), name
+
+    def set_globals():
+        """The module globals the variant runs with: read at every forward (eager) or trace (compiled,
+        guarded by dynamo), so set again before each of its timed passes (``--rounds``: the other
+        variants set theirs in between). Compiled, only the kernels in COMPILED_KERNELS replace
+        inductor's fusion, and True keeps the fused LM head + loss of headce."""
+        cs336_model.FUSED_KERNELS = ops_impl == "tritonops" or mode != "eager"
+        cs336_model.COMPILED_KERNELS = {"fused_rope"} if ops_impl == "tritonops" else set()
+        cs336_model.FUSED_LM_HEAD = loss_impl == "headce"  # modelce: the head GEMM + Triton loss, also compiled
+        if attn.startswith("flash"):  # read when the op bodies are traced (compiled) or called (eager)
+            from cs336_systems import flash_attention
+
+            flash_attention.SHORT_SEQ_MAX = 0 if attn == "flash2p" else 256
+
+    set_globals()
     torch.manual_seed(0)
     attn_backend = "flash" if attn.startswith("flash") else attn
-    if attn.startswith("flash"):  # read when the op bodies are traced (compiled) or called (eager)
-        from cs336_systems import flash_attention
-
-        flash_attention.SHORT_SEQ_MAX = 0 if attn == "flash2p" else 256
     model = build_model(cfg.replace(model_impl="cs336" if impl == "ours" else "hf-llama", attn_backend=attn_backend),
                         device)
     if attn in ("flashsep", "flash2p"):  # RoPE as its own kernels before FlashAttention, not inside its kernels
         for module in model.modules():
             if hasattr(module, "attn_applies_rope"):
                 module.attn_applies_rope = False
+    for module in model.modules():
+        if hasattr(module, "fuse_projections"):
+            module.fuse_projections = proj == "fusedproj"
     kw = {"lr": 1e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
     if impl == "ours":
         opt = AdamW(model.parameters(), fused=opt_impl == "fused", **kw)
@@ -109,7 +122,7 @@ def make_variant(name: str, cfg, device):
         model = torch.compile(model, mode="reduce-overhead" if mode == "graphed" else "default")
         if loss_fn is not triton_cross_entropy and loss_fn is not None:
             loss_fn = torch.compile(loss_fn)
-    return model, opt, loss_fn, clip_fn
+    return model, opt, loss_fn, clip_fn, set_globals
 
 
 def profile_steps(step_fn, steps: int, top: int = 25) -> dict:
@@ -137,12 +150,12 @@ def summarize(row: dict, times: list[float], peak: float | None) -> None:
         "mfu": round(tok_s * row["_fpt"] / peak, 4) if peak else None,
         "course_budget_min": round(COURSE_TOKENS / tok_s / 60, 1),
         "step_ms_min": round(1e3 * min(times), 2), "step_ms_max": round(1e3 * max(times), 2),
-        "timed_steps": len(times), "_times": times,
+        "timed_steps": len(times), "times_ms": [round(1e3 * t, 2) for t in times], "_times": times,
     })
 
 
 def bench_variant(name, cfg, device, batch_size, warmup, steps, prof_steps) -> dict:
-    model, opt, loss_fn, clip_fn = make_variant(name, cfg, device)
+    model, opt, loss_fn, clip_fn, set_globals = make_variant(name, cfg, device)
     g = torch.Generator(device).manual_seed(0)
     x = torch.randint(0, cfg.vocab_size, (batch_size, cfg.context_length + 1), device=device, generator=g)
     x, y = x[:, :-1].contiguous(), x[:, 1:].contiguous()
@@ -157,8 +170,12 @@ def bench_variant(name, cfg, device, batch_size, warmup, steps, prof_steps) -> d
         opt.zero_grad(set_to_none=True)
         return loss
 
-    def timed(n: int) -> tuple[list[float], torch.Tensor]:
-        """Seconds of each of ``n`` steps, each started and ended with a synchronize; the last loss."""
+    def timed(n: int, untimed: int = 0) -> tuple[list[float], torch.Tensor]:
+        """Seconds of each of ``n`` steps, each started and ended with a synchronize, after ``untimed``
+        steps (a later round: the other variants ran in between); the last loss."""
+        set_globals()
+        for _ in range(untimed):
+            step()
         out = []
         for _ in range(n):
             torch.cuda.synchronize(device)
@@ -184,7 +201,7 @@ def bench_variant(name, cfg, device, batch_size, warmup, steps, prof_steps) -> d
     }
     summarize(row, times, peak_flops(device, "bf16"))
     row["_timed"] = timed  # more rounds (--rounds), removed before the JSON is written
-    print(json.dumps(public(row)), flush=True)
+    print(json.dumps({k: v for k, v in public(row).items() if k != "times_ms"}), flush=True)
     if prof_steps:
         try:
             row["profile"] = profile_steps(step, prof_steps)
@@ -275,7 +292,7 @@ def main() -> None:
     for r in range(1, args.rounds):
         for row in rows:
             if "_timed" in row:
-                summarize(row, row["_times"] + row["_timed"](args.steps)[0], peak)
+                summarize(row, row["_times"] + row["_timed"](args.steps, untimed=2)[0], peak)
                 print(json.dumps({"round": r + 1, **{k: row[k] for k in ("variant", "step_ms", "step_ms_min")}}),
                       flush=True)
     rows = [public(r) for r in rows]

@@ -228,7 +228,13 @@ class KVCache:
 
 
 class MultiHeadSelfAttention(nn.Module):
-    """Causal multi-head self-attention. Head h uses rows ``h*D:(h+1)*D`` of each projection."""
+    """Causal multi-head self-attention. Head h uses rows ``h*D:(h+1)*D`` of each projection.
+
+    ``fuse_projections`` (default True; an attribute, per instance): q, k and v come from one
+    ``(T, C) x (C, 3C)`` matmul on the three weights concatenated at each forward (the parameters
+    stay ``q_proj``, ``k_proj``, ``v_proj``); one GEMM instead of three, forward and backward."""
+
+    fuse_projections = True
 
     def __init__(
         self,
@@ -262,9 +268,14 @@ class MultiHeadSelfAttention(nn.Module):
     ) -> Tensor:
         t = x.shape[-2]
         past = kv_cache.length if kv_cache is not None else 0
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        if self.fuse_projections:  # q, k, v: (..., T, C) views of one (..., T, 3C) product
+            qkv = x @ torch.cat([p.weight for p in projections]).T
+            q, k, v = qkv.split(self.q_proj.weight.shape[0], dim=-1)
+        else:
+            q, k, v = (p(x) for p in projections)
         # (..., T, C) -> (..., H, T, D)
-        q, k, v = (p(x).unflatten(-1, (self.num_heads, self.head_dim)).transpose(-3, -2)
-                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(-3, -2) for t in (q, k, v))
         attn_kw = {}
         if self.rope is not None:
             if token_positions is None:
@@ -290,7 +301,13 @@ class MultiHeadSelfAttention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """``W2 (SiLU(W1 x) ⊙ W3 x)`` (Shazeer 2020)."""
+    """``W2 (SiLU(W1 x) ⊙ W3 x)`` (Shazeer 2020).
+
+    ``fuse_projections`` (default True; an attribute, per instance): ``W1 x`` and ``W3 x`` come
+    from one matmul on ``[W1; W3]`` concatenated at each forward (the parameters stay ``w1``,
+    ``w3``), the gate reads the two halves of its ``(..., 2F)`` product."""
+
+    fuse_projections = True
 
     def __init__(self, d_model: int, d_ff: int, device=None, dtype=None):
         super().__init__()
@@ -299,9 +316,15 @@ class SwiGLU(nn.Module):
         self.w3 = Linear(d_model, d_ff, device=device, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        a, b = self.w1(x), self.w3(x)  # (..., F) each
-        if (kernels := triton_kernels("fused_swiglu", a)) is not None:
-            return self.w2(kernels.silu_mul(a, b))
+        if self.fuse_projections:
+            ab = x @ torch.cat([self.w1.weight, self.w3.weight]).T  # (..., 2F): W1 x, then W3 x
+            if (kernels := triton_kernels("fused_swiglu", ab)) is not None:
+                return self.w2(kernels.silu_mul_packed(ab))
+            a, b = ab.chunk(2, dim=-1)
+        else:
+            a, b = self.w1(x), self.w3(x)  # (..., F) each
+            if (kernels := triton_kernels("fused_swiglu", a)) is not None:
+                return self.w2(kernels.silu_mul(a, b))
         return self.w2(silu(a) * b)
 
 

@@ -248,9 +248,38 @@ def check_silu_mul(shape, dtype, device):
     assert_close(b.grad, b64.grad, dtype)
 
 
+def check_silu_mul_packed(shape, dtype, device):
+    """The packed gate on ``ab`` (..., 2F) against fp64 PyTorch ops on its two halves: output, d(ab)."""
+    g = torch.Generator().manual_seed(sum(shape) + 1)
+    ab = leaf(torch.randn(shape, generator=g).mul(3).to(device, dtype))
+    dy = torch.randn((*shape[:-1], shape[-1] // 2), generator=g).to(device, dtype)
+    kernels = M.triton_kernels("fused_swiglu", ab)
+    assert kernels is not None, "the Triton path would not run"
+    y = kernels.silu_mul_packed(ab)
+    y.backward(dy)
+    ab64 = leaf(ab.detach().double())
+    a64, b64 = ab64.chunk(2, dim=-1)
+    y64 = F.silu(a64) * b64
+    y64.backward(dy.double())
+    assert_close(y, y64.to(y.device), dtype)
+    assert_close(ab.grad, ab64.grad, dtype)
+
+
 def test_interp_silu_mul():
-    check_silu_mul((3, 5, 41), torch.float32, "cpu")  # 615 elements: one ragged block
-    check_silu_mul((2, 2100), torch.bfloat16, "cpu")  # two blocks, the second ragged
+    check_silu_mul((3, 5, 41), torch.float32, "cpu")  # F = 41 < 64: one ragged column tile
+    check_silu_mul((2, 2100), torch.bfloat16, "cpu")  # 33 column tiles, the last ragged
+    check_silu_mul((70, 128), torch.float32, "cpu")  # 32-row tiles: the third ragged
+
+
+def test_interp_silu_mul_packed():
+    check_silu_mul_packed((3, 5, 82), torch.float32, "cpu")
+    check_silu_mul_packed((37, 2 * 200), torch.bfloat16, "cpu")  # F = 200: ragged in rows and columns
+
+
+def test_interp_silu_mul_packed_rejects_odd_width():
+    kernels = M.triton_kernels("fused_swiglu", torch.empty(1))
+    with pytest.raises(ValueError, match="even last dimension"):
+        kernels.silu_mul_packed(torch.randn(4, 5))
 
 
 @pytest.mark.gpu
@@ -258,6 +287,7 @@ def test_interp_silu_mul():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_silu_mul_on_cuda(dtype):
     check_silu_mul((8, 256, 1344), dtype, "cuda")
+    check_silu_mul_packed((8, 256, 2 * 1344), dtype, "cuda")
 
 
 # ----------------------------------------------------------------------------- the whole LM
@@ -271,7 +301,7 @@ def lm_logits_and_grads(lm, ids, fused: bool, autocast_dtype=None):
                                   enabled=autocast_dtype is not None)
         with autocast:
             logits = lm(ids)
-        ran = {"_RMSNormBackward", ROPE_NODE, "_SiLUMulBackward"} & backward_names(logits)
+        ran = {"_RMSNormBackward", ROPE_NODE, "_SiLUMulPackedBackward"} & backward_names(logits)
         (logits.float() ** 2).mean().backward()
         return logits, {n: p.grad for n, p in lm.named_parameters()}, ran
     finally:
@@ -298,7 +328,7 @@ def check_lm_fused_equals_unfused(device, norm="pre", autocast_dtype=None, rel_t
     ids = torch.randint(0, cfg["vocab_size"], (batch, t), device=device)
     logits, grads, ran = lm_logits_and_grads(lm, ids, True, autocast_dtype)
     ref_logits, ref_grads, ran_ref = lm_logits_and_grads(lm, ids, False, autocast_dtype)
-    assert ran == {"_RMSNormBackward", ROPE_NODE, "_SiLUMulBackward"} and not ran_ref
+    assert ran == {"_RMSNormBackward", ROPE_NODE, "_SiLUMulPackedBackward"} and not ran_ref
     rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()
     assert logits.dtype == ref_logits.dtype
     assert rel(logits, ref_logits) < rel_tol

@@ -68,8 +68,10 @@ def test_silu_and_softmax():
     torch.testing.assert_close(M.softmax(big, -1), F.softmax(big, -1))
 
 
-def test_swiglu_and_silu_ffn():
+@pytest.mark.parametrize("fuse", [True, False])
+def test_swiglu_and_silu_ffn(fuse):
     ffn = M.SwiGLU(16, 40)
+    ffn.fuse_projections = fuse
     x = torch.randn(3, 16)
     w1, w2, w3 = ffn.w1.weight, ffn.w2.weight, ffn.w3.weight
     torch.testing.assert_close(ffn(x), F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2))
@@ -127,8 +129,10 @@ def _reference_mha(x, attn, positions=None, theta=None):
     return F.linear(o.transpose(1, 2).reshape(b, t, c), attn.output_proj.weight)
 
 
+@pytest.mark.parametrize("fuse", [True, False])
 @pytest.mark.parametrize("backend", ["math", "sdpa"])
-def test_mha_causal_with_and_without_rope(backend):
+def test_mha_causal_with_and_without_rope(backend, fuse, monkeypatch):
+    monkeypatch.setattr(M.MultiHeadSelfAttention, "fuse_projections", fuse)
     x = torch.randn(2, 10, 32)
     attn = M.MultiHeadSelfAttention(32, 4, attn_backend=backend)
     torch.testing.assert_close(attn(x), _reference_mha(x, attn), rtol=1e-4, atol=1e-5)
@@ -137,6 +141,29 @@ def test_mha_causal_with_and_without_rope(backend):
     torch.testing.assert_close(attn_r(x), _reference_mha(x, attn_r, theta=500.0), rtol=1e-4, atol=1e-5)
     pos = torch.arange(3, 13)
     torch.testing.assert_close(attn_r(x, pos), _reference_mha(x, attn_r, pos, theta=500.0), rtol=1e-4, atol=1e-5)
+
+
+def test_fused_projections_match_separate_ones_with_gradients():
+    """One [q; k; v] and one [W1; W3] matmul give the outputs and every parameter gradient of
+    three and two separate ones (the state dict is the same)."""
+    lm = M.TransformerLM(50, 16, 32, 2, 4, 40)
+    ids = torch.randint(0, 50, (2, 11))
+
+    def run(fuse: bool):
+        for m in lm.modules():
+            if hasattr(m, "fuse_projections"):
+                m.fuse_projections = fuse
+        lm.zero_grad(set_to_none=True)
+        logits = lm(ids)
+        (logits**2).mean().backward()
+        return logits, {n: p.grad.clone() for n, p in lm.named_parameters()}
+
+    logits, grads = run(True)
+    ref_logits, ref_grads = run(False)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_attention_backend_callable_and_errors():
