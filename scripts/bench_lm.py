@@ -17,8 +17,8 @@ Variants ``{impl}-{mode}[-{optimizer}[-{loss}[-{ops}[-{attn}[-{proj}]]]]]``:
   ``model.FUSED_KERNELS = False``, RMSNorm, RoPE and SwiGLU's gate in PyTorch ops; compiled:
   inductor fuses all of those; default) or ``tritonops`` (eager: their Triton kernels
   ``fused_rmsnorm``/``fused_rope``/``fused_swiglu``; compiled: the kernels of
-  ``model.COMPILED_KERNELS``, i.e. our RoPE operator, inductor the rest; both what the model runs on
-  CUDA); attn ``sdpa`` (PyTorch's SDPA, its default backend: cuDNN on Hopper; default) or ``flash``
+  ``model.COMPILED_KERNELS``, i.e. our RoPE and SwiGLU-gate operators, inductor the rest; both what
+  the model runs on CUDA) or ``tritonrope`` (compiled: only the RoPE operator, as before the gate's); attn ``sdpa`` (PyTorch's SDPA, its default backend: cuDNN on Hopper; default) or ``flash``
   (our Triton FlashAttention-2 of ``cs336_systems``, ``triton_op`` operators that inductor launches;
   RoPE applied inside its kernels) or ``flashsep`` (the same with RoPE as its own kernels first) or
   ``flash2p`` (RoPE as its own kernels and the two-pass backward, ``SHORT_SEQ_MAX = 0``); proj
@@ -64,6 +64,7 @@ from cs336_basics.nn_utils import clip_grad_norm, cross_entropy_torch
 from cs336_basics.optimizer import AdamW
 from cs336_basics.train import build_model, flops_per_token, peak_flops
 
+DEFAULT_COMPILED_KERNELS = frozenset(cs336_model.COMPILED_KERNELS)
 COURSE_TOKENS = 327_680_000  # the course's TinyStories budget: 10,000 steps x 128 x 256
 DEFAULT_VARIANTS = ["hf-eager", "ours-eager-foreach", "ours-eager-fused-tritonce",
                     "ours-eager-fused-tritonce-tritonops", "hf-compiled", "ours-compiled-foreach",
@@ -79,7 +80,7 @@ def make_variant(name: str, cfg, device):
     assert impl in ("ours", "hf") and mode in ("eager", "compiled", "graphed"), name
     assert opt_impl in ("foreach", "fused") and loss_impl in ("torchce", "tritonce", "modelce", "headce"), name
     assert impl == "ours" or loss_impl == "torchce", name
-    assert ops_impl in ("torchops", "tritonops"), name
+    assert ops_impl in ("torchops", "tritonops", "tritonrope"), name
     assert attn in ("sdpa", "flash", "flashsep", "flash2p") and (impl == "ours" or attn == "sdpa"), name
     assert proj in ("fusedproj", "sepproj") and (impl == "ours" or proj == "fusedproj"), name
 
@@ -88,8 +89,9 @@ def make_variant(name: str, cfg, device):
         guarded by dynamo), so set again before each of its timed passes (``--rounds``: the other
         variants set theirs in between). Compiled, only the kernels in COMPILED_KERNELS replace
         inductor's fusion, and True keeps the fused LM head + loss of headce."""
-        cs336_model.FUSED_KERNELS = ops_impl == "tritonops" or mode != "eager"
-        cs336_model.COMPILED_KERNELS = {"fused_rope"} if ops_impl == "tritonops" else set()
+        cs336_model.FUSED_KERNELS = ops_impl != "torchops" or mode != "eager"
+        cs336_model.COMPILED_KERNELS = {"tritonops": set(DEFAULT_COMPILED_KERNELS), "tritonrope": {"fused_rope"}}.get(
+            ops_impl, set())
         cs336_model.FUSED_LM_HEAD = loss_impl == "headce"  # modelce: the head GEMM + Triton loss, also compiled
         if attn.startswith("flash"):  # read when the op bodies are traced (compiled) or called (eager)
             from cs336_systems import flash_attention

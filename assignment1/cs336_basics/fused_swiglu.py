@@ -11,7 +11,8 @@ gradient once and writes both gradients, recomputing ``sigmoid(a)`` instead of s
 
 Arithmetic is fp32, results in the inputs' dtype (PyTorch ops under bf16 autocast round each
 intermediate to bf16; these round once). ``cs336_basics.model.SwiGLU`` calls this on CUDA (CPU
-tensors too under ``TRITON_INTERPRET=1``, as in the tests) outside ``torch.compile``.
+tensors too under ``TRITON_INTERPRET=1``, as in the tests), and under ``torch.compile`` where
+``"fused_swiglu"`` is in ``model.COMPILED_KERNELS`` (the packed gate, an operator).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from cs336_basics.triton_support import kernel_op, launch
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -33,9 +36,11 @@ def _tiles(f: int) -> tuple[int, int]:
 
 @triton.jit
 def _swiglu_fwd_kernel(a_ptr, b_ptr, out_ptr, n_rows, F, stride_in, stride_out,
-                       ROWS: tl.constexpr, COLS: tl.constexpr):
-    """``out = silu(a) · b`` over (N, F): a, b rows ``stride_in`` apart (``2F`` when they are the two
-    halves of one ``(N, 2F)`` buffer), out rows ``stride_out``."""
+                       PACKED: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """``out = silu(a) · b`` over (N, F): a, b rows ``stride_in`` apart, out rows ``stride_out``.
+    PACKED: a and b are the two halves of one ``(N, 2F)`` tensor at ``a_ptr`` (``b_ptr`` unused)."""
+    if PACKED:
+        b_ptr = a_ptr + F
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)[:, None]
     cols = tl.program_id(1) * COLS + tl.arange(0, COLS)[None, :]
     mask = (rows < n_rows) & (cols < F)
@@ -46,8 +51,12 @@ def _swiglu_fwd_kernel(a_ptr, b_ptr, out_ptr, n_rows, F, stride_in, stride_out,
 
 @triton.jit
 def _swiglu_bwd_kernel(a_ptr, b_ptr, grad_ptr, grad_a_ptr, grad_b_ptr, n_rows, F, stride_in, stride_grad,
-                       ROWS: tl.constexpr, COLS: tl.constexpr):
-    """``grad_a, grad_b`` (rows ``stride_in`` apart, like a and b) from the upstream gradient."""
+                       PACKED: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """``grad_a, grad_b`` (rows ``stride_in`` apart, like a and b) from the upstream gradient.
+    PACKED: also the gradients are the two halves of one tensor, at ``grad_a_ptr``."""
+    if PACKED:
+        b_ptr = a_ptr + F
+        grad_b_ptr = grad_a_ptr + F
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)[:, None]
     cols = tl.program_id(1) * COLS + tl.arange(0, COLS)[None, :]
     mask = (rows < n_rows) & (cols < F)
@@ -60,18 +69,14 @@ def _swiglu_bwd_kernel(a_ptr, b_ptr, grad_ptr, grad_a_ptr, grad_b_ptr, n_rows, F
     tl.store(grad_b_ptr + at, (g * a * sig).to(grad_b_ptr.dtype.element_ty), mask=mask)
 
 
-def _gate(a: Tensor, b: Tensor, out: Tensor) -> None:
-    """``out = silu(a) · b``; a, b (N, F) with one row stride, out (N, F) contiguous."""
-    (n, f), (rows, cols) = a.shape, _tiles(a.shape[1])
-    _swiglu_fwd_kernel[(triton.cdiv(n, rows), triton.cdiv(f, cols))](
-        a, b, out, n, f, a.stride(0), out.stride(0), ROWS=rows, COLS=cols, num_warps=8)
+# The launches take whole tensors, never slices or reshapes of them: inside an operator body
+# (`kernel_op`) inductor copied each such view before the kernel (or, for one it writes, after),
+# three copies, 0.25 ms per layer for the packed gate (H200).
 
 
-def _gate_grads(a: Tensor, b: Tensor, grad_out: Tensor, grad_a: Tensor, grad_b: Tensor) -> None:
-    """grad_a, grad_b (layout of a, b) from grad_out (N, F) contiguous."""
-    (n, f), (rows, cols) = a.shape, _tiles(a.shape[1])
-    _swiglu_bwd_kernel[(triton.cdiv(n, rows), triton.cdiv(f, cols))](
-        a, b, grad_out, grad_a, grad_b, n, f, a.stride(0), grad_out.stride(0), ROWS=rows, COLS=cols, num_warps=8)
+def _grid(n: int, f: int) -> tuple[tuple[int, int], dict]:
+    rows, cols = _tiles(f)
+    return (triton.cdiv(n, rows), triton.cdiv(f, cols)), {"ROWS": rows, "COLS": cols, "num_warps": 8}
 
 
 class _SiLUMul(torch.autograd.Function):
@@ -79,54 +84,83 @@ class _SiLUMul(torch.autograd.Function):
     def forward(ctx, a: Tensor, b: Tensor) -> Tensor:
         a, b = a.contiguous(), b.contiguous()  # matmul outputs already are: no copy
         out = torch.empty_like(a)
-        _gate(a.view(-1, a.shape[-1]), b.view(-1, b.shape[-1]), out.view(-1, a.shape[-1]))
+        f = a.shape[-1]
+        grid, meta = _grid(a.numel() // f, f)
+        _swiglu_fwd_kernel[grid](a, b, out, a.numel() // f, f, f, f, PACKED=False, **meta)
         ctx.save_for_backward(a, b)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         a, b = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
         grad_a, grad_b = torch.empty_like(a), torch.empty_like(b)
         f = a.shape[-1]
-        _gate_grads(a.view(-1, f), b.view(-1, f), grad_out.contiguous().view(-1, f), grad_a.view(-1, f),
-                    grad_b.view(-1, f))
+        grid, meta = _grid(a.numel() // f, f)
+        _swiglu_bwd_kernel[grid](a, b, grad_out, grad_a, grad_b, a.numel() // f, f, f, f, PACKED=False, **meta)
         return grad_a, grad_b
 
 
+def _packed_gate(ab: Tensor) -> Tensor:
+    """``silu(a) · b`` (..., F) for ``ab`` (..., 2F) contiguous."""
+    f = ab.shape[-1] // 2
+    n = ab.numel() // (2 * f)
+    out = ab.new_empty((*ab.shape[:-1], f))
+    grid, meta = _grid(n, f)
+    launch(_swiglu_fwd_kernel)[grid](ab, ab, out, n, f, 2 * f, f, PACKED=True, **meta)
+    return out
+
+
+def _packed_gate_grad(ab: Tensor, grad_out: Tensor) -> Tensor:
+    """The gradient of `_packed_gate` wrt ``ab``, one ``(..., 2F)`` tensor (no ``cat`` of two halves,
+    which inductor lowered to a pointwise kernel 0.03 ms per layer slower than this one, H200)."""
+    f = ab.shape[-1] // 2
+    n = ab.numel() // (2 * f)
+    grad_out = grad_out.contiguous()
+    grad = torch.empty_like(ab)
+    grid, meta = _grid(n, f)
+    launch(_swiglu_bwd_kernel)[grid](ab, ab, grad_out, grad, ab, n, f, 2 * f, f, PACKED=True, **meta)
+    return grad
+
+
+# Under torch.compile: operators (inductor launches the kernels itself). In eager mode: an autograd
+# Function around the same code (an operator call costs host time; see fused_rope).
+_packed_gate_op = kernel_op("cs336_basics::silu_mul_packed", lambda ab: ab.new_empty((*ab.shape[:-1], ab.shape[-1] // 2)))(
+    _packed_gate)
+_packed_gate_grad_op = kernel_op("cs336_basics::silu_mul_packed_grad", lambda ab, g: torch.empty_like(ab))(
+    _packed_gate_grad)
+_packed_gate_op.register_autograd(lambda ctx, g: _packed_gate_grad_op(ctx.saved_tensors[0], g),
+                                  setup_context=lambda ctx, inputs, output: ctx.save_for_backward(inputs[0]))
+
+
 class _SiLUMulPacked(torch.autograd.Function):
-    """The gate on the halves of one ``(..., 2F)`` tensor; its gradient comes back as one tensor
-    (no ``cat`` of two halves, as ``chunk`` + `_SiLUMul` would need)."""
+    """The gate on the halves of one ``(..., 2F)`` tensor; its gradient comes back as one tensor."""
 
     @staticmethod
     def forward(ctx, ab: Tensor) -> Tensor:
-        ab = ab.contiguous()
-        f = ab.shape[-1] // 2
-        rows = ab.view(-1, 2 * f)
-        out = ab.new_empty((*ab.shape[:-1], f))
-        _gate(rows[:, :f], rows[:, f:], out.view(-1, f))
         ctx.save_for_backward(ab)
-        return out
+        return _packed_gate(ab)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         (ab,) = ctx.saved_tensors
-        f = ab.shape[-1] // 2
-        rows, grad = ab.view(-1, 2 * f), torch.empty_like(ab)
-        grad_rows = grad.view(-1, 2 * f)
-        _gate_grads(rows[:, :f], rows[:, f:], grad_out.contiguous().view(-1, f), grad_rows[:, :f], grad_rows[:, f:])
-        return grad
+        return _packed_gate_grad(ab, grad_out)
 
 
 def silu_mul(a: Tensor, b: Tensor) -> Tensor:
     """``silu(a) · b`` for ``a``, ``b`` of one shape and one dtype in `SUPPORTED_DTYPES`."""
     if a.shape != b.shape or a.dtype != b.dtype:
         raise ValueError(f"silu_mul needs one shape and dtype, got {a.shape} {a.dtype} and {b.shape} {b.dtype}")
+    if torch.compiler.is_compiling():  # the operator takes the two halves of one tensor
+        return _packed_gate_op(torch.cat([a, b], dim=-1))
     return _SiLUMul.apply(a, b)
 
 
 def silu_mul_packed(ab: Tensor) -> Tensor:
     """``silu(a) · b`` where ``a, b = ab.chunk(2, dim=-1)`` (``ab`` of a dtype in `SUPPORTED_DTYPES`):
-    what `cs336_basics.model.SwiGLU` computes from its one ``[W1; W3]`` matmul."""
+    what `cs336_basics.model.SwiGLU` computes from its one ``[W1; W3]`` matmul. Under ``torch.compile``
+    an operator (`kernel_op`), so inductor launches these kernels instead of its own fusion."""
     if ab.shape[-1] % 2:
         raise ValueError(f"silu_mul_packed needs an even last dimension (a, then b), got {tuple(ab.shape)}")
-    return _SiLUMulPacked.apply(ab)
+    ab = ab.contiguous()  # a matmul output already is: no copy
+    return _packed_gate_op(ab) if torch.compiler.is_compiling() else _SiLUMulPacked.apply(ab)

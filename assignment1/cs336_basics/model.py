@@ -10,13 +10,16 @@ softmax attention below), ``"sdpa"`` (``torch.nn.functional.scaled_dot_product_a
 ``"flash"`` (``cs336_systems.flash_attention.flash_attn_mha``) or any callable
 ``attn_fn(q, k, v, is_causal) -> o`` on ``(B, H, T, D)`` tensors. ``forward`` never branches on it,
 except that a backend with ``attn_fn.applies_rope = True`` (the "flash" one) is handed q, k unrotated
-with ``rope=`` (the module) and ``positions=``, so it can rotate them inside its kernels.
+with ``rope=`` (the module) and ``positions=``, so it can rotate them inside its kernels, and one
+with ``attn_fn.qkv_packed(qkv, num_heads, is_causal, **rope)`` (the "flash" one) is handed the fused
+projection's ``(B, T, 3C)`` output as it is, so its backward can return one gradient for it.
 
 RMSNorm, RoPE and SwiGLU's ``silu(a) · b`` run as Triton kernels, forward and backward, on CUDA in
 eager mode (``fused_rmsnorm.py``, ``fused_rope.py``, ``fused_swiglu.py``: one pass over memory
 where the PyTorch ops below take several); under ``torch.compile`` inductor fuses the PyTorch ops
-itself, except for the kernels in ``COMPILED_KERNELS`` (RoPE, an operator that keeps q/k in the
-projections' layout). The PyTorch ops stay the reference and run everywhere else;
+itself, except for the kernels in ``COMPILED_KERNELS`` (operators: RoPE, which keeps q/k in the
+projections' layout, and SwiGLU's gate on the halves of the one ``[W1; W3]`` product, whose
+gradient inductor would otherwise assemble with a slower ``cat``). The PyTorch ops stay the reference and run everywhere else;
 ``model.FUSED_KERNELS = False`` runs them on CUDA too (to measure before/after in one process).
 
 Shapes: B batch, T sequence, H heads, D head dim, C d_model, F d_ff, V vocab.
@@ -45,7 +48,7 @@ AttnFn = Callable[[Tensor, Tensor, Tensor, bool], Tensor]
 FUSED_KERNELS = True  # False: the PyTorch ops on every device (read at each call, see `triton_kernels`)
 # the kernels that are operators (``triton_support.kernel_op``) and also replace inductor's fusion of
 # the PyTorch ops under torch.compile; empty: inductor fuses everything (to measure one against the other)
-COMPILED_KERNELS: set[str] = {"fused_rope"}
+COMPILED_KERNELS: set[str] = {"fused_rope", "fused_swiglu"}
 # ``forward(ids, targets=y)`` on CUDA: True runs the LM head and the loss as one op
 # (``fused_cross_entropy.linear_cross_entropy``; the logits are freed inside it), False the head GEMM
 # + the two-kernel Triton loss, None (default) the first under ``torch.compile`` and the second in
@@ -268,23 +271,27 @@ class MultiHeadSelfAttention(nn.Module):
     ) -> Tensor:
         t = x.shape[-2]
         past = kv_cache.length if kv_cache is not None else 0
-        projections = (self.q_proj, self.k_proj, self.v_proj)
-        if self.fuse_projections:  # q, k, v: (..., T, C) views of one (..., T, 3C) product
-            qkv = x @ torch.cat([p.weight for p in projections]).T
-            q, k, v = qkv.split(self.q_proj.weight.shape[0], dim=-1)
-        else:
-            q, k, v = (p(x) for p in projections)
-        # (..., T, C) -> (..., H, T, D)
-        q, k, v = (t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(-3, -2) for t in (q, k, v))
-        attn_kw = {}
+        pos = rope_kw = None
         if self.rope is not None:
             if token_positions is None:
                 token_positions = torch.arange(past, past + t, device=x.device)
             pos = token_positions.unsqueeze(-2) if token_positions.dim() > 1 else token_positions  # (..., 1, T)
             if self.attn_applies_rope and kv_cache is None:
-                attn_kw = {"rope": self.rope, "positions": pos}
-            else:
-                q, k = self.rope(q, pos), self.rope(k, pos)
+                rope_kw = {"rope": self.rope, "positions": pos}
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        if self.fuse_projections:  # q, k, v: (..., T, C) views of one (..., T, 3C) product
+            qkv = x @ torch.cat([p.weight for p in projections]).T
+            packed = getattr(self.attn_fn, "qkv_packed", None)  # a backend that takes qkv as it is
+            if packed is not None and kv_cache is None and qkv.dim() == 3 and (self.rope is None or rope_kw):
+                o = packed(qkv, self.num_heads, t > 1, **(rope_kw or {}))  # (B, H, T, D)
+                return self.output_proj(o.transpose(-3, -2).flatten(-2))
+            q, k, v = qkv.split(self.q_proj.weight.shape[0], dim=-1)
+        else:
+            q, k, v = (p(x) for p in projections)
+        # (..., T, C) -> (..., H, T, D)
+        q, k, v = (u.unflatten(-1, (self.num_heads, self.head_dim)).transpose(-3, -2) for u in (q, k, v))
+        if self.rope is not None and rope_kw is None:
+            q, k = self.rope(q, pos), self.rope(k, pos)
         attn_fn = self.attn_fn
         if kv_cache is not None:
             kv_cache.k[layer_idx, ..., past:past + t, :] = k
@@ -293,7 +300,7 @@ class MultiHeadSelfAttention(nn.Module):
             v = kv_cache.v[layer_idx, ..., :past + t, :].to(q.dtype)
             if past and t > 1:  # fused kernels align is_causal top-left; ours aligns bottom-right
                 attn_fn = math_attention
-        o = attn_fn(q, k, v, t > 1, **attn_kw)  # (..., H, T, D); one query needs no mask
+        o = attn_fn(q, k, v, t > 1, **(rope_kw or {}))  # (..., H, T, D); one query needs no mask
         return self.output_proj(o.transpose(-3, -2).flatten(-2))  # (..., T, C)
 
 
@@ -323,7 +330,8 @@ class SwiGLU(nn.Module):
             a, b = ab.chunk(2, dim=-1)
         else:
             a, b = self.w1(x), self.w3(x)  # (..., F) each
-            if (kernels := triton_kernels("fused_swiglu", a)) is not None:
+            # (compiled, the gate's operator would take them concatenated: inductor fuses it instead)
+            if not torch.compiler.is_compiling() and (kernels := triton_kernels("fused_swiglu", a)) is not None:
                 return self.w2(kernels.silu_mul(a, b))
         return self.w2(silu(a) * b)
 

@@ -46,6 +46,10 @@ def traceable_kernels(name: str) -> ModuleType | None:
             from cs336_basics import fused_rope
 
             return fused_rope
+        if name == "fused_swiglu":
+            from cs336_basics import fused_swiglu
+
+            return fused_swiglu
         if name == "fused_cross_entropy":
             from cs336_basics import fused_cross_entropy
 

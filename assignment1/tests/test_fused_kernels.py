@@ -276,6 +276,39 @@ def test_interp_silu_mul_packed():
     check_silu_mul_packed((37, 2 * 200), torch.bfloat16, "cpu")  # F = 200: ragged in rows and columns
 
 
+def check_silu_mul_packed_compiled(device, backend):
+    """The packed gate as torch.compile runs it (the operator) against the eager Function, and
+    `silu_mul` on two tensors, which compiles to the same operator on their concatenation."""
+    from cs336_basics import fused_swiglu
+
+    g = torch.Generator().manual_seed(3)
+    ab = leaf(torch.randn(2, 8, 2 * 96, generator=g).to(device))
+    dy = torch.randn(2, 8, 96, generator=g).to(device)
+    if backend == "aot_eager":
+        torch.library.opcheck(fused_swiglu._packed_gate_op, (ab.detach(),))
+    y_ref = fused_swiglu.silu_mul_packed(ab)
+    (d_ref,) = torch.autograd.grad(y_ref, ab, dy)
+    compiled = torch.compile(fused_swiglu.silu_mul_packed, backend=backend, fullgraph=True)
+    y = compiled(ab)
+    (d,) = torch.autograd.grad(y, ab, dy)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    torch.testing.assert_close(d, d_ref, rtol=0, atol=0)
+    a, b = (leaf(t.detach()) for t in ab.chunk(2, dim=-1))
+    y2 = torch.compile(fused_swiglu.silu_mul, backend=backend, fullgraph=True)(a, b)
+    torch.testing.assert_close(y2, y_ref, rtol=0, atol=0)
+    torch.testing.assert_close(torch.cat(torch.autograd.grad(y2, (a, b), dy), dim=-1), d_ref, rtol=0, atol=0)
+
+
+def test_interp_silu_mul_packed_op_and_compile():
+    check_silu_mul_packed_compiled("cpu", "aot_eager")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_silu_mul_packed_under_inductor_on_cuda():
+    check_silu_mul_packed_compiled("cuda", "inductor")
+
+
 def test_interp_silu_mul_packed_rejects_odd_width():
     kernels = M.triton_kernels("fused_swiglu", torch.empty(1))
     with pytest.raises(ValueError, match="even last dimension"):

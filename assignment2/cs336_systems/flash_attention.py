@@ -9,7 +9,8 @@
   one launch of one program per (batch, head), and for the shortest ones a forward that holds a
   (batch, head)'s K and V in registers). Optionally applies RoPE to q and k inside the kernels.
 * ``flash_attn_mha(q, k, v, is_causal=True, rope=None, positions=None)``: ``(B, H, T, D)`` inputs,
-  the "flash" attention backend of ``cs336_basics.model``.
+  the "flash" attention backend of ``cs336_basics.model``; ``flash_attn_qkvpacked(qkv, num_heads,
+  ...)`` the same on the model's one ``(B, T, 3C)`` q/k/v projection, its gradient one tensor too.
 
 Both Functions take ``Q (batch, n_q, d)``, ``K, V (batch, n_k, d)`` (or with a head dimension,
 ``(batch, heads, n, d)``), scale the scores by ``1/sqrt(d)``, and for ``is_causal`` let query i see
@@ -256,9 +257,42 @@ def _flash_bwd(
     return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
 
 
+def split_qkv(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v ``(B, H, T, D)``: views of ``qkv`` ``(B, T, 3·H·D)``, whose last dim holds q, k, v side by
+    side, each head ``h`` at columns ``h*D:(h+1)*D`` of its third (the fused projection's output)."""
+    return tuple(t.unflatten(-1, (num_heads, -1)).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
+
+
+def _bwd_packed_fake(q, k, v, o, lse, do, is_causal, pos=None, cos=None, sin=None):
+    b, h, t, d = q.shape
+    return q.new_empty((b, t, 3 * h * d))
+
+
+def _flash_bwd_packed(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, do: torch.Tensor,
+    is_causal: bool,
+    pos: torch.Tensor | None = None, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`_flash_bwd` for 4-d q, k, v of one shape, its three gradients side by side in one
+    ``(B, T, 3·H·D)`` tensor, the layout of `split_qkv`'s input, which the fused projection's
+    backward takes as it is: the one-launch backward writes them there (three separate ones would
+    be copied into one, ~0.05 ms a layer at the tinystories-17m shape on the H200); the two-pass
+    backward's are concatenated."""
+    from cs336_systems import flash_kernels, flash_kernels_short
+
+    b, h, t, d = q.shape
+    args = (q, k, v, _as_4d(o), lse.view(-1, t), _as_4d(do), is_causal)
+    if pos is not None or short_sequences(q, k):
+        dqkv = q.new_empty((b, t, 3 * h * d))
+        flash_kernels_short.flash_bwd_short(*args, _rope(pos, cos, sin), packed=dqkv)
+        return dqkv
+    return torch.cat([g.transpose(1, 2).flatten(-2) for g in flash_kernels.flash_bwd(*args)], dim=-1)
+
+
 flash_fwd_op = kernel_op("cs336_systems::flash_fwd", _fwd_fake)(_flash_fwd)
 flash_fwd_rope_op = kernel_op("cs336_systems::flash_fwd_rope", _fwd_rope_fake)(_flash_fwd_rope)
 flash_bwd_op = kernel_op("cs336_systems::flash_bwd", _bwd_fake)(_flash_bwd)
+flash_bwd_packed_op = kernel_op("cs336_systems::flash_bwd_packed", _bwd_packed_fake)(_flash_bwd_packed)
 
 
 class FlashAttentionTriton(torch.autograd.Function):
@@ -272,22 +306,7 @@ class FlashAttentionTriton(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, Q, K, V, is_causal=False, positions=None, cos=None, sin=None):
-        _check_triton_inputs(Q, K, V)
-        if positions is not None and not rope_fits_kernels(Q, K):
-            raise ValueError(
-                f"RoPE inside the kernels needs q and k of one shape with at most {SHORT_SEQ_MAX} positions; "
-                f"got q {tuple(Q.shape)}, k {tuple(K.shape)}"
-            )
-        compiling = torch.compiler.is_compiling()
-        if positions is None:
-            rope = ()
-            O, L = (flash_fwd_op if compiling else _flash_fwd)(Q, K, V, is_causal)
-        else:  # the backward takes the rotated q and k the forward wrote (the inputs are not kept)
-            rope = (positions, cos, sin)
-            O, L, Q, K = (flash_fwd_rope_op if compiling else _flash_fwd_rope)(Q, K, V, is_causal, *rope)
-        ctx.save_for_backward(Q, K, V, O, L, *rope)
-        ctx.is_causal = is_causal
-        return O
+        return _triton_forward(ctx, Q, K, V, is_causal, positions, cos, sin)
 
     @staticmethod
     def backward(ctx, dO):
@@ -295,6 +314,42 @@ class FlashAttentionTriton(torch.autograd.Function):
         bwd = flash_bwd_op if torch.compiler.is_compiling() else _flash_bwd
         dQ, dK, dV = bwd(Q, K, V, O, L, dO, ctx.is_causal, *rope)
         return dQ, dK, dV, None, None, None, None
+
+
+def _triton_forward(ctx, Q, K, V, is_causal, positions, cos, sin) -> torch.Tensor:
+    """The forward of the two Triton Functions: checks, kernels, what the backward needs saved."""
+    _check_triton_inputs(Q, K, V)
+    if positions is not None and not rope_fits_kernels(Q, K):
+        raise ValueError(
+            f"RoPE inside the kernels needs q and k of one shape with at most {SHORT_SEQ_MAX} positions; "
+            f"got q {tuple(Q.shape)}, k {tuple(K.shape)}"
+        )
+    compiling = torch.compiler.is_compiling()
+    if positions is None:
+        rope = ()
+        O, L = (flash_fwd_op if compiling else _flash_fwd)(Q, K, V, is_causal)
+    else:  # the backward takes the rotated q and k the forward wrote (the inputs are not kept)
+        rope = (positions, cos, sin)
+        O, L, Q, K = (flash_fwd_rope_op if compiling else _flash_fwd_rope)(Q, K, V, is_causal, *rope)
+    ctx.save_for_backward(Q, K, V, O, L, *rope)
+    ctx.is_causal = is_causal
+    return O
+
+
+class FlashAttentionQKVPacked(torch.autograd.Function):
+    """`FlashAttentionTriton` on q, k, v packed in one ``(B, T, 3·H·D)`` tensor (`split_qkv`), whose
+    gradient comes back as one tensor of that shape: the backward writes dQ, dK, dV side by side
+    (`_flash_bwd_packed`) instead of autograd concatenating three. Returns O ``(B, H, T, D)``."""
+
+    @staticmethod
+    def forward(ctx, qkv, num_heads, is_causal=True, positions=None, cos=None, sin=None):
+        return _triton_forward(ctx, *split_qkv(qkv, num_heads), is_causal, positions, cos, sin)
+
+    @staticmethod
+    def backward(ctx, dO):
+        Q, K, V, O, L, *rope = ctx.saved_tensors
+        bwd = flash_bwd_packed_op if torch.compiler.is_compiling() else _flash_bwd_packed
+        return bwd(Q, K, V, O, L, dO, ctx.is_causal, *rope), None, None, None, None, None
 
 
 def flash_attn_mha(
@@ -326,4 +381,24 @@ def flash_attn_mha(
     return FlashAttentionPytorch.apply(q, k, v, is_causal)
 
 
-flash_attn_mha.applies_rope = True  # read by cs336_basics.model.MultiHeadSelfAttention
+def flash_attn_qkvpacked(
+    qkv: torch.Tensor, num_heads: int, is_causal: bool = True,
+    rope: torch.nn.Module | None = None, positions: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`flash_attn_mha` on q, k, v packed in one ``(B, T, 3·H·D)`` tensor (`split_qkv`: the output of
+    one fused q/k/v projection) -> O ``(B, H, T, D)``. On the Triton path (`FlashAttentionQKVPacked`)
+    the gradient is one tensor of ``qkv``'s shape; elsewhere this is `flash_attn_mha` on the views."""
+    if qkv.dim() != 3 or qkv.shape[-1] % (3 * num_heads):
+        raise ValueError(f"qkv must be (batch, seq, 3 * {num_heads} heads * head_dim); got {tuple(qkv.shape)}")
+    if torch.is_autocast_enabled(qkv.device.type):
+        qkv = qkv.to(torch.get_autocast_dtype(qkv.device.type))
+    q, k, v = split_qkv(qkv, num_heads)
+    if not triton_runs_on(qkv.device) or (rope is not None and not rope_fits_kernels(q, k)):
+        return flash_attn_mha(q, k, v, is_causal, rope, positions)
+    rope_args = () if rope is None else (torch.broadcast_to(positions, q.shape[:-1]), rope.cos, rope.sin)
+    return FlashAttentionQKVPacked.apply(qkv, num_heads, is_causal, *rope_args)
+
+
+# read by cs336_basics.model.MultiHeadSelfAttention
+flash_attn_mha.applies_rope = True
+flash_attn_mha.qkv_packed = flash_attn_qkvpacked

@@ -156,11 +156,15 @@ def _bwd_short(
     stride_dvz, stride_dvh, stride_dvn,
     stride_pz, stride_ph, stride_pt,
     H, N_Q, N_K, qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, ROPE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, ROPE: tl.constexpr, PACKED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """dQ, dK, dV of one (batch, head). BLOCK_N must be a multiple of BLOCK_M."""
+    """dQ, dK, dV of one (batch, head). BLOCK_N must be a multiple of BLOCK_M. PACKED: DQ is one
+    (Z, N, 3, H, HEAD_DIM) tensor that takes all three (the dq strides hold for each; DK, DV unused)."""
     qk_scale, sm_scale = tl.cast(qk_scale, tl.float32), tl.cast(sm_scale, tl.float32)  # fp64 from inductor (torch 2.11)
+    if PACKED:
+        DK = DQ + H * HEAD_DIM
+        DV = DQ + 2 * H * HEAD_DIM
     off_zh = tl.program_id(0)
     off_z = (off_zh // H).to(tl.int64)
     off_h = (off_zh % H).to(tl.int64)
@@ -203,23 +207,32 @@ SHORT_CONFIGS = [
 _launch_short = _launcher("short", _bwd_short, SHORT_CONFIGS)
 
 
-def flash_bwd_short(q, k, v, o, L, do, is_causal: bool, rope: Rope | None = None):
+def flash_bwd_short(q, k, v, o, L, do, is_causal: bool, rope: Rope | None = None,
+                    packed: torch.Tensor | None = None):
     """(dQ, dK, dV), each in the layout of its input, as ``flash_kernels.flash_bwd`` gives them, in one
     launch of one program per (batch, head). ``rope``: q and k are the rotated ones the forward
-    returned; the gradients are those of the unrotated q and k."""
+    returned; the gradients are those of the unrotated q and k. ``packed`` (Z, N, 3·H·D) contiguous,
+    with N_Q == N_K: the three written side by side into it instead (returned as its views); one
+    tensor for the kernel, as inductor copies views of a tensor that a kernel writes."""
     Z, H, N_Q, D = q.shape
     N_K = k.shape[2]
     sm_scale = 1.0 / math.sqrt(D)
     delta = _empty((Z * H, N_Q), q, torch.float32)
     dq_acc = torch.empty((Z * H, N_Q, D), device=q.device, dtype=torch.float32)  # written before it is read
-    dq, dk, dv = _empty_like(q), _empty_like(k), _empty_like(v)
+    if packed is None:
+        dq, dk, dv = _empty_like(q), _empty_like(k), _empty_like(v)
+        out_strides = (*_strides3(dq), *_strides3(dk), *_strides3(dv))
+    else:
+        dq = dk = dv = packed  # (the kernel stores through DQ only)
+        out_strides = (N_Q * 3 * H * D, D, 3 * H * D) * 3
     pos, cos, sin, *pos_strides = _rope_args(rope, q)
     _launch_short(
         lambda meta: (Z * H,),
-        q, k, v, o, do, dq, dk, dv, L, delta, dq_acc, pos, cos, sin,
+        q, k, v, o, do, dq, q if packed is not None else dk, q if packed is not None else dv, L, delta, dq_acc,
+        pos, cos, sin,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o), *_strides3(do),
-        *_strides3(dq), *_strides3(dk), *_strides3(dv), *pos_strides,
+        *out_strides, *pos_strides,
         H, N_Q, N_K, sm_scale * LOG2E, sm_scale,
-        HEAD_DIM=D, IS_CAUSAL=bool(is_causal), dtype=q.dtype, ROPE=rope is not None,
+        HEAD_DIM=D, IS_CAUSAL=bool(is_causal), dtype=q.dtype, ROPE=rope is not None, PACKED=packed is not None,
     )
     return dq, dk, dv

@@ -19,7 +19,9 @@ from cs336_systems.flash_attention import (
     FlashAttentionPytorch,
     FlashAttentionTriton,
     flash_attn_mha,
+    flash_attn_qkvpacked,
     flash_bwd_op,
+    flash_bwd_packed_op,
     flash_fwd_op,
     flash_fwd_rope_op,
 )
@@ -264,21 +266,77 @@ def test_interp_rope_outside_kernels_for_long_sequences(monkeypatch):
 
 
 @interp_only
-def test_interp_model_with_flash_backend_matches_math():
-    # the whole LM (RoPE handed to the attention kernels) against our own softmax attention
+@pytest.mark.parametrize("fuse", [True, False])
+def test_interp_model_with_flash_backend_matches_math(fuse):
+    # the whole LM (RoPE handed to the attention kernels; fused: the one q/k/v product handed to
+    # them packed, its gradient one tensor) against our own softmax attention
     torch.manual_seed(5)
     kw = {"vocab_size": 50, "context_length": 40, "d_model": 32, "num_layers": 2, "num_heads": 2, "d_ff": 48}
     ref = TransformerLM(**kw, attn_backend="math")
     lm = TransformerLM(**kw, attn_backend="flash")
     lm.load_state_dict(ref.state_dict())
     assert lm.layers[0].attn.attn_applies_rope
+    for layer in lm.layers:
+        layer.attn.fuse_projections = fuse
     ids = torch.randint(0, 50, (2, 37))
     logits_ref, logits = ref(ids), lm(ids)
+    nodes, stack = set(), [logits.grad_fn]
+    while stack:  # which attention Function the graph holds
+        node = stack.pop()
+        if node is not None and node not in nodes:
+            nodes.add(node)
+            stack.extend(n for n, _ in node.next_functions)
+    names = {type(n).__name__ for n in nodes}
+    assert ("FlashAttentionQKVPackedBackward" in names) == fuse
+    assert ("FlashAttentionTritonBackward" in names) != fuse
     torch.testing.assert_close(logits, logits_ref, atol=1e-5, rtol=1e-5)
     logits_ref.square().mean().backward()
     logits.square().mean().backward()
     for (name, p), p_ref in zip(lm.named_parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(p.grad, p_ref.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@interp_only
+@pytest.mark.parametrize("use_rope", [False, True])
+def test_interp_qkvpacked_matches_separate_inputs(use_rope, backward_kind):
+    # one (B, T, 3C) input: the output and gradient of flash_attn_mha on its three views, the gradient
+    # one contiguous tensor (the kernels wrote dQ, dK, dV into its thirds); also compiled, fullgraph
+    g = torch.Generator().manual_seed(6)
+    b, t, h, d = 2, 40, 2, 16
+    qkv = torch.randn(b, t, 3 * h * d, generator=g, requires_grad=True)
+    do = torch.randn(b, h, t, d, generator=g)
+    rope, pos = (RotaryPositionalEmbedding(10000.0, d, t), torch.arange(t)) if use_rope else (None, None)
+    o = flash_attn_qkvpacked(qkv, h, True, rope, pos)
+    (dqkv,) = torch.autograd.grad(o, qkv, do)
+    # (RoPE past the one-launch backward's lengths runs as the module: flash_attn_mha on the views)
+    packed = not (use_rope and backward_kind == "two_pass")
+    assert (type(o.grad_fn).__name__ == "FlashAttentionQKVPackedBackward") == packed and dqkv.is_contiguous()
+    ref_in = qkv.detach().clone().requires_grad_()
+    q, k, v = (x.unflatten(-1, (h, d)).transpose(1, 2) for x in ref_in.chunk(3, dim=-1))
+    o_ref = flash_attn_mha(q, k, v, True, rope, pos)
+    (d_ref,) = torch.autograd.grad(o_ref, ref_in, do)
+    torch.testing.assert_close(o, o_ref, atol=0, rtol=0)
+    torch.testing.assert_close(dqkv, d_ref, atol=0, rtol=0)
+    compiled = torch.compile(lambda x: flash_attn_qkvpacked(x, h, True, rope, pos), backend="aot_eager",
+                             fullgraph=True)
+    o_c = compiled(qkv)
+    (d_c,) = torch.autograd.grad(o_c, qkv, do)
+    torch.testing.assert_close(o_c, o_ref, atol=0, rtol=0)
+    torch.testing.assert_close(d_c, d_ref, atol=0, rtol=0)
+
+
+@interp_only
+def test_interp_qkvpacked_op_passes_opcheck_and_rejects_bad_shapes():
+    g = torch.Generator().manual_seed(7)
+    qkv = torch.randn(1, 40, 3 * 2 * 16, generator=g)
+    q, k, v = flash_attention.split_qkv(qkv, 2)
+    o, lse = flash_fwd_op(q, k, v, True)
+    do = torch.randn(o.shape, generator=g)
+    torch.library.opcheck(flash_bwd_packed_op, (q, k, v, o, lse, do, True))
+    with pytest.raises(ValueError, match="qkv must be"):
+        flash_attn_qkvpacked(torch.randn(1, 40, 95), 2)
+    with pytest.raises(ValueError, match="qkv must be"):
+        flash_attn_qkvpacked(torch.randn(40, 96), 2)
 
 
 @interp_only
