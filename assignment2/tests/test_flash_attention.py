@@ -267,9 +267,11 @@ def test_interp_rope_outside_kernels_for_long_sequences(monkeypatch):
 
 @interp_only
 @pytest.mark.parametrize("fuse", [True, False])
-def test_interp_model_with_flash_backend_matches_math(fuse):
-    # the whole LM (RoPE handed to the attention kernels; fused: the one q/k/v product handed to
-    # them packed, its gradient one tensor) against our own softmax attention
+@pytest.mark.parametrize("rope_inside", [True, False])
+def test_interp_model_with_flash_backend_matches_math(fuse, rope_inside):
+    # the whole LM (RoPE handed to the attention kernels or applied first as its own kernels; fused
+    # with RoPE inside: the one q/k/v product handed to them packed, its gradient one tensor)
+    # against our own softmax attention
     torch.manual_seed(5)
     kw = {"vocab_size": 50, "context_length": 40, "d_model": 32, "num_layers": 2, "num_heads": 2, "d_ff": 48}
     ref = TransformerLM(**kw, attn_backend="math")
@@ -278,6 +280,7 @@ def test_interp_model_with_flash_backend_matches_math(fuse):
     assert lm.layers[0].attn.attn_applies_rope
     for layer in lm.layers:
         layer.attn.fuse_projections = fuse
+        layer.attn.attn_applies_rope = rope_inside
     ids = torch.randint(0, 50, (2, 37))
     logits_ref, logits = ref(ids), lm(ids)
     nodes, stack = set(), [logits.grad_fn]
@@ -287,8 +290,9 @@ def test_interp_model_with_flash_backend_matches_math(fuse):
             nodes.add(node)
             stack.extend(n for n, _ in node.next_functions)
     names = {type(n).__name__ for n in nodes}
-    assert ("FlashAttentionQKVPackedBackward" in names) == fuse
-    assert ("FlashAttentionTritonBackward" in names) != fuse
+    packed = fuse and rope_inside
+    assert ("FlashAttentionQKVPackedBackward" in names) == packed
+    assert ("FlashAttentionTritonBackward" in names) != packed
     torch.testing.assert_close(logits, logits_ref, atol=1e-5, rtol=1e-5)
     logits_ref.square().mean().backward()
     logits.square().mean().backward()
