@@ -79,6 +79,13 @@ def fused_lm_loss() -> Callable[[Tensor, Tensor, Tensor], Tensor] | None:
     return None if kernels is None else kernels.linear_cross_entropy
 
 
+def unhooked(*modules: nn.Module) -> bool:
+    """Whether no forward hook is registered on any of ``modules``: only then may a fused projection
+    read their weights directly instead of calling them (a wrapper that gathers or swaps a Linear's
+    weight in its hooks, e.g. ``cs336_systems.fsdp``, must see the call)."""
+    return not any(m._forward_pre_hooks or m._forward_hooks for m in modules)
+
+
 # ----------------------------------------------------------------------------- leaf ops
 
 
@@ -235,7 +242,8 @@ class MultiHeadSelfAttention(nn.Module):
 
     ``fuse_projections`` (default True; an attribute, per instance): q, k and v come from one
     ``(T, C) x (C, 3C)`` matmul on the three weights concatenated at each forward (the parameters
-    stay ``q_proj``, ``k_proj``, ``v_proj``); one GEMM instead of three, forward and backward."""
+    stay ``q_proj``, ``k_proj``, ``v_proj``); one GEMM instead of three, forward and backward.
+    Not while any of the three has a forward hook (`unhooked`): then each is called."""
 
     fuse_projections = True
 
@@ -279,7 +287,7 @@ class MultiHeadSelfAttention(nn.Module):
             if self.attn_applies_rope and kv_cache is None:
                 rope_kw = {"rope": self.rope, "positions": pos}
         projections = (self.q_proj, self.k_proj, self.v_proj)
-        if self.fuse_projections:  # q, k, v: (..., T, C) views of one (..., T, 3C) product
+        if self.fuse_projections and unhooked(*projections):  # q, k, v: views of one (..., T, 3C) product
             qkv = x @ torch.cat([p.weight for p in projections]).T
             packed = getattr(self.attn_fn, "qkv_packed", None)  # a backend that takes qkv as it is
             if packed is not None and kv_cache is None and qkv.dim() == 3 and (self.rope is None or rope_kw):
@@ -312,7 +320,8 @@ class SwiGLU(nn.Module):
 
     ``fuse_projections`` (default True; an attribute, per instance): ``W1 x`` and ``W3 x`` come
     from one matmul on ``[W1; W3]`` concatenated at each forward (the parameters stay ``w1``,
-    ``w3``), the gate reads the two halves of its ``(..., 2F)`` product."""
+    ``w3``), the gate reads the two halves of its ``(..., 2F)`` product. Not while ``w1`` or ``w3``
+    has a forward hook (`unhooked`)."""
 
     fuse_projections = True
 
@@ -323,7 +332,7 @@ class SwiGLU(nn.Module):
         self.w3 = Linear(d_model, d_ff, device=device, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.fuse_projections:
+        if self.fuse_projections and unhooked(self.w1, self.w3):
             ab = x @ torch.cat([self.w1.weight, self.w3.weight]).T  # (..., 2F): W1 x, then W3 x
             if (kernels := triton_kernels("fused_swiglu", ab)) is not None:
                 return self.w2(kernels.silu_mul_packed(ab))

@@ -166,6 +166,21 @@ def test_fused_projections_match_separate_ones_with_gradients():
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_hooked_projections_are_called_not_fused():
+    # a wrapper that acts in a Linear's forward hooks (FSDP gathers the weight there) sees the call;
+    # the output is the fused one
+    lm = M.TransformerLM(50, 16, 32, 1, 4, 40)
+    ids = torch.randint(0, 50, (2, 7))
+    fused = lm(ids)
+    calls = []
+    block = lm.layers[0]
+    for m in (block.attn.k_proj, block.ffn.w3):
+        m.register_forward_pre_hook(lambda mod, args: calls.append(mod))
+    torch.testing.assert_close(lm(ids), fused, rtol=1e-5, atol=1e-6)
+    assert calls == [block.attn.k_proj, block.ffn.w3]
+    assert not M.unhooked(block.attn.k_proj) and M.unhooked(block.attn.q_proj)
+
+
 def test_attention_backend_callable_and_errors():
     calls = []
 
