@@ -125,12 +125,24 @@ def _packed_gate_grad(ab: Tensor, grad_out: Tensor) -> Tensor:
 
 # Under torch.compile: operators (inductor launches the kernels itself). In eager mode: an autograd
 # Function around the same code (an operator call costs host time; see fused_rope).
-_packed_gate_op = kernel_op("cs336_basics::silu_mul_packed", lambda ab: ab.new_empty((*ab.shape[:-1], ab.shape[-1] // 2)))(
-    _packed_gate)
+def _gate_fake(ab: Tensor) -> Tensor:
+    return ab.new_empty((*ab.shape[:-1], ab.shape[-1] // 2))
+
+
+_packed_gate_op = kernel_op("cs336_basics::silu_mul_packed", _gate_fake)(_packed_gate)
 _packed_gate_grad_op = kernel_op("cs336_basics::silu_mul_packed_grad", lambda ab, g: torch.empty_like(ab))(
     _packed_gate_grad)
-_packed_gate_op.register_autograd(lambda ctx, g: _packed_gate_grad_op(ctx.saved_tensors[0], g),
-                                  setup_context=lambda ctx, inputs, output: ctx.save_for_backward(inputs[0]))
+
+
+def _gate_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+def _gate_backward(ctx, grad_out):
+    return _packed_gate_grad_op(ctx.saved_tensors[0], grad_out)
+
+
+_packed_gate_op.register_autograd(_gate_backward, setup_context=_gate_setup)
 
 
 class _SiLUMulPacked(torch.autograd.Function):

@@ -19,8 +19,9 @@ eager mode (``fused_rmsnorm.py``, ``fused_rope.py``, ``fused_swiglu.py``: one pa
 where the PyTorch ops below take several); under ``torch.compile`` inductor fuses the PyTorch ops
 itself, except for the kernels in ``COMPILED_KERNELS`` (operators: RoPE, which keeps q/k in the
 projections' layout, and SwiGLU's gate on the halves of the one ``[W1; W3]`` product, whose
-gradient inductor would otherwise assemble with a slower ``cat``). The PyTorch ops stay the reference and run everywhere else;
-``model.FUSED_KERNELS = False`` runs them on CUDA too (to measure before/after in one process).
+gradient inductor would otherwise assemble with a slower ``cat``). The PyTorch ops stay the
+reference and run everywhere else; ``model.FUSED_KERNELS = False`` runs them on CUDA too (to
+measure before/after in one process).
 
 Shapes: B batch, T sequence, H heads, D head dim, C d_model, F d_ff, V vocab.
 
