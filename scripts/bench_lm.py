@@ -18,7 +18,8 @@ Variants ``{impl}-{mode}[-{optimizer}[-{loss}[-{ops}[-{attn}[-{proj}]]]]]``:
   inductor fuses all of those; default) or ``tritonops`` (eager: their Triton kernels
   ``fused_rmsnorm``/``fused_rope``/``fused_swiglu``; compiled: the kernels of
   ``model.COMPILED_KERNELS``, i.e. our RoPE and SwiGLU-gate operators, inductor the rest; both what
-  the model runs on CUDA) or ``tritonrope`` (compiled: only the RoPE operator, as before the gate's); attn ``sdpa`` (PyTorch's SDPA, its default backend: cuDNN on Hopper; default) or ``flash``
+  the model runs on CUDA) or ``tritonrope`` (compiled: only the RoPE operator, as before the
+  gate's); attn ``sdpa`` (PyTorch's SDPA, its default backend: cuDNN on Hopper; default) or ``flash``
   (our Triton FlashAttention-2 of ``cs336_systems``, ``triton_op`` operators that inductor launches;
   RoPE applied inside its kernels) or ``flashsep`` (the same with RoPE as its own kernels first) or
   ``flash2p`` (RoPE as its own kernels and the two-pass backward, ``SHORT_SEQ_MAX = 0``); proj

@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 MEMBERS = ["assignment1", "assignment2", "assignment5"]
 # import name -> distribution name, where they differ
-DISTRIBUTIONS = {"yaml": "pyyaml", "regex": "regex"}
+DISTRIBUTIONS = {"yaml": "pyyaml"}
 
 
 def _requirement_names(reqs: list[str]) -> set[str]:

@@ -85,8 +85,9 @@ class _SiLUMul(torch.autograd.Function):
         a, b = a.contiguous(), b.contiguous()  # matmul outputs already are: no copy
         out = torch.empty_like(a)
         f = a.shape[-1]
-        grid, meta = _grid(a.numel() // f, f)
-        _swiglu_fwd_kernel[grid](a, b, out, a.numel() // f, f, f, f, PACKED=False, **meta)
+        n = a.numel() // f
+        grid, meta = _grid(n, f)
+        _swiglu_fwd_kernel[grid](a, b, out, n, f, f, f, PACKED=False, **meta)
         ctx.save_for_backward(a, b)
         return out
 
@@ -96,8 +97,9 @@ class _SiLUMul(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         grad_a, grad_b = torch.empty_like(a), torch.empty_like(b)
         f = a.shape[-1]
-        grid, meta = _grid(a.numel() // f, f)
-        _swiglu_bwd_kernel[grid](a, b, grad_out, grad_a, grad_b, a.numel() // f, f, f, f, PACKED=False, **meta)
+        n = a.numel() // f
+        grid, meta = _grid(n, f)
+        _swiglu_bwd_kernel[grid](a, b, grad_out, grad_a, grad_b, n, f, f, f, PACKED=False, **meta)
         return grad_a, grad_b
 
 

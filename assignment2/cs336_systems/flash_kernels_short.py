@@ -212,8 +212,8 @@ def flash_bwd_short(q, k, v, o, L, do, is_causal: bool, rope: Rope | None = None
     """(dQ, dK, dV), each in the layout of its input, as ``flash_kernels.flash_bwd`` gives them, in one
     launch of one program per (batch, head). ``rope``: q and k are the rotated ones the forward
     returned; the gradients are those of the unrotated q and k. ``packed`` (Z, N, 3·H·D) contiguous,
-    with N_Q == N_K: the three written side by side into it instead (returned as its views); one
-    tensor for the kernel, as inductor copies views of a tensor that a kernel writes."""
+    with N_Q == N_K: the three are written side by side into it instead, and it is returned in their
+    three places; one tensor for the kernel, as inductor copies views of a tensor that a kernel writes."""
     Z, H, N_Q, D = q.shape
     N_K = k.shape[2]
     sm_scale = 1.0 / math.sqrt(D)
@@ -221,15 +221,14 @@ def flash_bwd_short(q, k, v, o, L, do, is_causal: bool, rope: Rope | None = None
     dq_acc = torch.empty((Z * H, N_Q, D), device=q.device, dtype=torch.float32)  # written before it is read
     if packed is None:
         dq, dk, dv = _empty_like(q), _empty_like(k), _empty_like(v)
-        out_strides = (*_strides3(dq), *_strides3(dk), *_strides3(dv))
-    else:
-        dq = dk = dv = packed  # (the kernel stores through DQ only)
-        out_strides = (N_Q * 3 * H * D, D, 3 * H * D) * 3
+        outs, out_strides = (dq, dk, dv), (*_strides3(dq), *_strides3(dk), *_strides3(dv))
+    else:  # the kernel stores all three through DQ; q stands in for the unused DK, DV
+        dq = dk = dv = packed
+        outs, out_strides = (packed, q, q), (N_Q * 3 * H * D, D, 3 * H * D) * 3
     pos, cos, sin, *pos_strides = _rope_args(rope, q)
     _launch_short(
         lambda meta: (Z * H,),
-        q, k, v, o, do, dq, q if packed is not None else dk, q if packed is not None else dv, L, delta, dq_acc,
-        pos, cos, sin,
+        q, k, v, o, do, *outs, L, delta, dq_acc, pos, cos, sin,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o), *_strides3(do),
         *out_strides, *pos_strides,
         H, N_Q, N_K, sm_scale * LOG2E, sm_scale,
