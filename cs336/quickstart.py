@@ -80,8 +80,8 @@ class Plan:
         if scale <= 0:
             raise ValueError(f"--scale must be > 0, got {scale}")
         grow = max(1.0, scale) ** 0.5  # model width grows with sqrt(scale) above 1
-        d_model = int(round(128 * grow / 64) * 64) if scale > 1 else 128
-        steps = lambda n, lo: max(lo, int(round(n * scale)))
+        d_model = round(128 * grow / 64) * 64 if scale > 1 else 128
+        steps = lambda n, lo: max(lo, round(n * scale))
         plan = cls(
             scale=scale, device=device, seed=seed,
             vocab_size=1024 if scale <= 2 else 4096,
@@ -465,8 +465,8 @@ def write_report(out: Path, plan: Plan, results: dict, commands: dict[str, str],
               "uv run cs336 quickstart --device cuda --scale 8 --out runs/quickstart-gpu   # same pipeline, bigger",
               "uv run cs336 download tinystories gsm8k math qwen2.5-math-1.5b                 # real data (README)",
               "```", "",
-              "Then the README's sections: TinyStories, OpenWebText leaderboard, FlashAttention, multi-GPU with "
-              "torchrun, GRPO with Qwen2.5-Math-1.5B.", ""]
+              ("Then the README's sections: TinyStories, OpenWebText leaderboard, FlashAttention, multi-GPU with "
+               "torchrun, GRPO with Qwen2.5-Math-1.5B."), ""]
     path = out / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path

@@ -184,7 +184,7 @@ class CorpusSpec:
     def scaled(self, scale: float) -> CorpusSpec:
         if scale <= 0:
             raise ValueError(f"scale must be > 0, got {scale}")
-        s = lambda n, lo: max(lo, int(round(n * scale)))
+        s = lambda n, lo: max(lo, round(n * scale))
         return CorpusSpec(s(self.num_stories, 20), s(self.num_pretrain_problems, 40),
                           s(self.num_sft_problems, 40), max(min(500, self.num_test_problems), s(self.num_test_problems, 20)),
                           self.max_operand, self.kinds)

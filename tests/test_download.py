@@ -6,6 +6,7 @@ import io
 import json
 import tarfile
 import urllib.error
+from typing import ClassVar
 
 import pytest
 
@@ -50,7 +51,7 @@ def test_fetch_streams_gunzips_and_skips_existing(tmp_path, monkeypatch):
     payload = b"hello world\n" * 1000
 
     class Resp(io.BytesIO):
-        headers = {"Content-Length": "0"}
+        headers: ClassVar[dict[str, str]] = {"Content-Length": "0"}
 
     calls = []
 
@@ -86,5 +87,5 @@ def test_convert_math_tar(tmp_path):
             tar.addfile(info, io.BytesIO(data))
     counts = download.convert_math_tar(tar_path, tmp_path / "math")
     assert counts == {"train": 2, "test": 1}
-    rows = [json.loads(x) for x in open(tmp_path / "math" / "hendrycks_math_algebra_train.json")]
+    rows = [json.loads(x) for x in (tmp_path / "math" / "hendrycks_math_algebra_train.json").read_text().splitlines()]
     assert [r["problem"] for r in rows] == ["p1", "p2"] and rows[0]["solution"] == "\\boxed{1}"

@@ -26,7 +26,7 @@ def run_dir(tmp_path_factory) -> Path:
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "TQDM_MININTERVAL": "5", "CUDA_VISIBLE_DEVICES": ""}
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "cs336.cli", "quickstart", "--scale", str(SCALE), "--out", str(out)],
-                          capture_output=True, text=True, env=env, timeout=900)
+                          capture_output=True, text=True, env=env, timeout=900, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (out / "test_wall_s.txt").write_text(f"{time.perf_counter() - t0:.1f}\n")
     return out

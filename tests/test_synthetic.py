@@ -6,6 +6,7 @@ import hashlib
 import json
 import random
 import re
+from pathlib import Path
 
 import pytest
 
@@ -64,14 +65,14 @@ def test_check_equations_catches_a_wrong_sum():
 
 def test_files_and_r1_zero_rendering(tmp_path):
     info = write_corpus(tmp_path, scale=0.05, seed=0)
-    corpus = open(info["corpus"], encoding="utf-8").read()
-    valid = open(info["corpus_valid"], encoding="utf-8").read()
+    corpus = Path(info["corpus"]).read_text(encoding="utf-8")
+    valid = Path(info["corpus_valid"]).read_text(encoding="utf-8")
     docs, vdocs = corpus.split(EOT), valid.split(EOT)
     assert docs[-1] == vdocs[-1] == ""
     assert len(docs) + len(vdocs) - 2 == info["num_stories"] + info["num_pretrain_problems"]
     corpus += valid
-    train = [json.loads(x) for x in open(info["sft_train"], encoding="utf-8")]
-    test = [json.loads(x) for x in open(info["test"], encoding="utf-8")]
+    train = [json.loads(x) for x in Path(info["sft_train"]).read_text(encoding="utf-8").splitlines()]
+    test = [json.loads(x) for x in Path(info["test"]).read_text(encoding="utf-8").splitlines()]
     assert len(test) == info["num_test_problems"] and len(train) == info["num_sft_problems"]
     # Held out: no test question appears among SFT questions or in the pretraining corpus.
     assert not {t["question"] for t in test} & {t["question"] for t in train}

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import queue
@@ -119,10 +120,8 @@ def _worker(fn, rank, world_size, port, backend, timeout_s, num_threads, args, r
         results.put((rank, "error", traceback.format_exc()))
     finally:
         if dist.is_initialized():
-            try:
+            with contextlib.suppress(Exception):  # best effort after a failure
                 dist.destroy_process_group()
-            except Exception:  # noqa: BLE001 — best effort after a failure
-                pass
 
 
 def run_distributed(

@@ -52,7 +52,6 @@ def test_multigpu_script_smoke(tmp_path):
 def _fallbacks(rank, world_size):
     import torch
     import torch.distributed as dist
-
     from cs336_systems import dist_utils
 
     x = torch.arange(8, dtype=torch.float32) * (rank + 1)

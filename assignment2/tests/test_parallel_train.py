@@ -93,7 +93,7 @@ def test_torchrun_entry_point(tiny_cfg, single_run, tmp_path):
            "--warmup-steps", "2", "--eval-interval", "4", "--eval-batches", "1", "--checkpoint-interval", "0",
            "--grad-clip", str(tiny_cfg.grad_clip), "--out-dir", str(out_dir), "--dist-timeout", "60"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "world 2" in proc.stdout  # rank 0 logged; rank 1 did not duplicate the lines
     assert proc.stdout.count("finished:") == 1

@@ -1,7 +1,6 @@
 from pathlib import Path
 
 import pytest
-
 from cs336_basics.paths import shared_data_dir
 
 
