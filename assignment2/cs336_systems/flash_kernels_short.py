@@ -13,10 +13,13 @@ the program mostly waits on memory, so the code is arranged around latency (H200
 * no prologue: the first key tile, which every query tile sees, computes Delta = rowsum(dO * O)
   from the O rows it loads and stores it for the later key tiles; lse2 = L * log2(e) is taken
   where it is used;
-* tiles are fetched one iteration ahead into registers (the next key tile during the current key
-  tile, the next query tile's Q, dO, L and Delta or O during the current one), because the loops
-  are too short for Triton's own pipelining to hide the loads. What is used last in an iteration
-  (the dQ partial sum, RoPE tables) is loaded at its start.
+* tiles are fetched one iteration ahead into registers (the next query tile's Q, dO, L and Delta or
+  O during the current one), because the loops are too short for Triton's own pipelining to hide the
+  loads. What is used last in an iteration (the dQ partial sum, the query rows' RoPE tables) is
+  loaded at its start. The next key tile and the key rows' RoPE tables are fetched only after the
+  query loop, during the key tile's epilogue: held through the loop, their 64 registers made the
+  kernel spill (288 bytes of stack at 32x128/w4 with RoPE, 72 without, in an sm_90 compile;
+  none now: ``scripts/kernel_sass.py short --head-dim 32 --packed --rope``).
 
 RoPE (optional, ``rope=``): q and k are the *rotated* ones, as the forward wrote them
 (``flash_kernels.flash_fwd`` with ``rope``), so nothing is rotated per tile pair; dK and the finished
@@ -80,20 +83,19 @@ def _load_query_tile(Q, DO, O, L, Delta, stride_qm, stride_dom, stride_om, start
 
 @triton.jit
 def _key_tile(
-    k, v, start_n, Q, DO, O, L, Delta, DQacc, DQ, DK, DV, Pos, Cos, Sin,
-    stride_qm, stride_dom, stride_om, stride_dqm, stride_dkn, stride_dvn, stride_pt,
+    k, v, start_n, Q, K, V, DO, O, L, Delta, DQacc, DQ, DK, DV, Pos, Cos, Sin,
+    stride_qm, stride_kn, stride_vn, stride_dom, stride_om, stride_dqm, stride_dkn, stride_dvn, stride_pt,
     N_Q, N_K, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, ROPE: tl.constexpr, FIRST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One key tile (k, v already loaded) against the query tiles that see it: dK and dV stored; dQ
     of finished query rows stored, the others' partial sums kept in DQacc (with ROPE, in the rotated
-    frame: only the finished dQ is rotated back)."""
+    frame: only the finished dQ is rotated back). Returns the next key tile, fetched once the query
+    loop is done (during this tile's epilogue), so that it holds no registers inside the loop."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_mb = tl.arange(0, BLOCK_M)
-    if ROPE:  # for dK at the end (loaded now, it is there by then)
-        cos_k, sin_k = _rope_tables(offs_n, N_K, Pos, stride_pt, Cos, Sin, HEAD_DIM)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     lo = start_n if IS_CAUSAL else 0  # causal: queries < start_n see none of these keys
@@ -135,12 +137,15 @@ def _key_tile(
         tl.store(DQ + offs_m[:, None] * stride_dqm + offs_d[None, :], (dq_out * sm_scale).to(DQ.dtype.element_ty),
                  mask=last[:, None])
         tl.store(acc_ptrs, dq, mask=(in_q & (last == 0))[:, None])
-    if ROPE:
+    k_next, v_next = _load_key_tile(K, V, stride_kn, stride_vn, start_n + BLOCK_N, N_K, BLOCK_N, HEAD_DIM)
+    if ROPE:  # (the tables only now: held through the loop they took 32 registers, and the kernel spilled)
+        cos_k, sin_k = _rope_tables(offs_n, N_K, Pos, stride_pt, Cos, Sin, HEAD_DIM)
         dk = _rotate(dk, cos_k, -sin_k, BLOCK_N, HEAD_DIM)
     in_k = offs_n[:, None] < N_K
     tl.store(DK + offs_n[:, None] * stride_dkn + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty), mask=in_k)
     tl.store(DV + offs_n[:, None] * stride_dvn + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=in_k)
     tl.debug_barrier()  # the DQacc rows and Delta stored here are read by the next key tile's threads
+    return k_next, v_next
 
 
 @triton.jit
@@ -183,23 +188,20 @@ def _bwd_short(
     DQacc += rows * HEAD_DIM
 
     k, v = _load_key_tile(K, V, stride_kn, stride_vn, 0, N_K, BLOCK_N, HEAD_DIM)
-    k_n, v_n = _load_key_tile(K, V, stride_kn, stride_vn, BLOCK_N, N_K, BLOCK_N, HEAD_DIM)
-    _key_tile(k, v, 0, Q, DO, O, L, Delta, DQacc, DQ, DK, DV, Pos, Cos, Sin,
-              stride_qm, stride_dom, stride_om, stride_dqm, stride_dkn, stride_dvn, stride_pt, N_Q, N_K,
-              qk_scale, sm_scale, HEAD_DIM, IS_CAUSAL, ROPE, True, BLOCK_M, BLOCK_N)
+    k, v = _key_tile(k, v, 0, Q, K, V, DO, O, L, Delta, DQacc, DQ, DK, DV, Pos, Cos, Sin,
+                     stride_qm, stride_kn, stride_vn, stride_dom, stride_om, stride_dqm, stride_dkn, stride_dvn,
+                     stride_pt, N_Q, N_K, qk_scale, sm_scale, HEAD_DIM, IS_CAUSAL, ROPE, True, BLOCK_M, BLOCK_N)
     for start_n in range(BLOCK_N, N_K, BLOCK_N):
-        k, v = k_n, v_n
-        k_n, v_n = _load_key_tile(K, V, stride_kn, stride_vn, start_n + BLOCK_N, N_K, BLOCK_N, HEAD_DIM)
-        _key_tile(k, v, start_n, Q, DO, O, L, Delta, DQacc, DQ, DK, DV, Pos, Cos, Sin,
-                  stride_qm, stride_dom, stride_om, stride_dqm, stride_dkn, stride_dvn, stride_pt, N_Q, N_K,
-                  qk_scale, sm_scale, HEAD_DIM, IS_CAUSAL, ROPE, False, BLOCK_M, BLOCK_N)
+        k, v = _key_tile(k, v, start_n, Q, K, V, DO, O, L, Delta, DQacc, DQ, DK, DV, Pos, Cos, Sin,
+                         stride_qm, stride_kn, stride_vn, stride_dom, stride_om, stride_dqm, stride_dkn, stride_dvn,
+                         stride_pt, N_Q, N_K, qk_scale, sm_scale, HEAD_DIM, IS_CAUSAL, ROPE, False, BLOCK_M, BLOCK_N)
 
 
 # Tile configs, BLOCK_N a multiple of BLOCK_M, fastest first at T = 256, d = 32 (H200, docs/benchmarks.md):
 # without RoPE 32x128 0.208 ms, 64x64 0.215, 32x64 0.235; RoPE inside (rotated q, k from the forward)
-# 0.256 / 0.296 / 0.298. No register caps: with the tiles fetched ahead these configs already need
-# ~255 registers, and capped (168) they spilled enough to run 1.8-2.4x slower (and inductor drops
-# caps anyway, see ``flash_kernels._cfg``).
+# 0.256 / 0.296 / 0.298 (timed before the key tile's fetch moved to its epilogue). No register caps:
+# these configs need ~250 registers, and capped (168) they spilled enough to run 1.8-2.4x slower (and
+# inductor drops caps anyway, see ``flash_kernels._cfg``).
 SHORT_CONFIGS = [
     _cfg(32, 128, 4, 2), _cfg(64, 64, 4, 2), _cfg(32, 64, 4, 2), _cfg(64, 64, 4, 3), _cfg(64, 128, 8, 2),
     _cfg(64, 64, 8, 2), _cfg(32, 64, 8, 2), _cfg(32, 32, 4, 2), _cfg(16, 16, 4, 2),
