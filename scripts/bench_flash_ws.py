@@ -37,26 +37,13 @@ import sys
 import torch
 import triton
 import triton.language as tl
+from cs336_systems.flash_kernels import _dkdv_tile, _dq_tile  # the repo's per-tile math, shared
 
 LOG2E = 1.4426950408889634
 
 
 # ---------------------------------------------------------------------------------------------
-# kernels (the repo's math: scores in base 2, P recomputed from lse2 = L * log2(e), Delta given)
-
-
-@triton.jit
-def _dkdv_tile(dk, dv, k, v, q, do, lse2, delta, offs_m, offs_n, qk_scale, MASKED: tl.constexpr):
-    """dK, dV of one key tile updated with one query tile (P^T computed transposed)."""
-    qkT = tl.dot(k, tl.trans(q))  # (BLOCK_N, BLOCK_M)
-    dpT = tl.dot(v, tl.trans(do))
-    pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
-    if MASKED:
-        pT = tl.where(offs_m[None, :] >= offs_n[:, None], pT, 0.0)
-    dv = tl.dot(pT.to(do.dtype), do, dv)
-    dsT = pT * (dpT - delta[None, :])
-    dk = tl.dot(dsT.to(q.dtype), q, dk)
-    return dk, dv
+# kernels (the repo's per-tile math: scores in base 2, P recomputed from lse2 = L * log2(e), Delta given)
 
 
 @triton.jit
@@ -110,18 +97,6 @@ def _dkdv_tma(Q, K, V, DO, DK, DV, LSE2, Delta, stride_h, N, qk_scale, sm_scale,
 
 
 @triton.jit
-def _dq_tile(dq, q, do, lse2, delta, k, v, offs_m, offs_n, qk_scale, MASKED: tl.constexpr):
-    """dQ of one query tile updated with one key tile."""
-    qk = tl.dot(q, tl.trans(k))
-    dp = tl.dot(do, tl.trans(v))
-    p = tl.math.exp2(qk * qk_scale - lse2[:, None])
-    if MASKED:
-        p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
-    ds = p * (dp - delta[:, None])
-    return tl.dot(ds.to(k.dtype), k, dq)
-
-
-@triton.jit
 def _dq_tma(Q, K, V, DO, DQ, LSE2, Delta, stride_h, N, qk_scale, sm_scale,
             HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WS: tl.constexpr):
     """One query tile's dQ (grid: heads x query tiles, the longest rows first); K and V tiles come
@@ -146,11 +121,11 @@ def _dq_tma(Q, K, V, DO, DQ, LSE2, Delta, stride_h, N, qk_scale, sm_scale,
     for start_n in tl.range(0, start_m, BLOCK_N, warp_specialize=WS):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         dq = _dq_tile(dq, q, do, lse2, delta, k_desc.load([start_n, 0]), v_desc.load([start_n, 0]),
-                      offs_m, offs_n, qk_scale, False)
+                      offs_m, offs_n, N, qk_scale, False, True)
     for start_n in range(start_m, start_m + BLOCK_M, BLOCK_N):  # the diagonal: masked
         offs_n = start_n + tl.arange(0, BLOCK_N)
         dq = _dq_tile(dq, q, do, lse2, delta, k_desc.load([start_n, 0]), v_desc.load([start_n, 0]),
-                      offs_m, offs_n, qk_scale, True)
+                      offs_m, offs_n, N, qk_scale, True, True)
     tl.store(DQ + offs_m[:, None] * HEAD_DIM + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty))
 
 

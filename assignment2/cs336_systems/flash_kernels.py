@@ -267,14 +267,22 @@ def _bwd_dkdv_inner(
         start_m = tl.multiple_of(start_m, BLOCK_M)
         offs_m = start_m + offs_mb
         q, do, lse2, delta = _load_q_rows(Q, DO, stride_qm, stride_dom, LSE2, Delta, offs_m, offs_d, N_Q, MASKED)
-        qkT = tl.dot(k, tl.trans(q))  # (BLOCK_N, BLOCK_M)
-        dpT = tl.dot(v, tl.trans(do))
-        pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
-        if MASKED and IS_CAUSAL:
-            pT = tl.where(offs_m[None, :] >= offs_n[:, None], pT, 0.0)
-        dv = tl.dot(pT.to(do.dtype), do, dv)
-        dsT = pT * (dpT - delta[None, :])
-        dk = tl.dot(dsT.to(q.dtype), q, dk)
+        dk, dv = _dkdv_tile(dk, dv, k, v, q, do, lse2, delta, offs_m, offs_n, qk_scale, MASKED and IS_CAUSAL)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_tile(dk, dv, k, v, q, do, lse2, delta, offs_m, offs_n, qk_scale, CAUSAL_MASK: tl.constexpr):
+    """dK, dV of one key tile updated with one query tile (P^T computed transposed). Query rows past
+    the end come with lse2 = +inf (P = 0) and key rows past it with k = v = 0."""
+    qkT = tl.dot(k, tl.trans(q))  # (BLOCK_N, BLOCK_M)
+    dpT = tl.dot(v, tl.trans(do))
+    pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
+    if CAUSAL_MASK:
+        pT = tl.where(offs_m[None, :] >= offs_n[:, None], pT, 0.0)
+    dv = tl.dot(pT.to(do.dtype), do, dv)
+    dsT = pT * (dpT - delta[None, :])
+    dk = tl.dot(dsT.to(q.dtype), q, dk)
     return dk, dv
 
 
@@ -349,17 +357,25 @@ def _bwd_dq_inner(
         else:
             k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :])
             v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :])
-        qk = tl.dot(q, tl.trans(k))
-        dp = tl.dot(do, tl.trans(v))
-        p = tl.math.exp2(qk * qk_scale - lse2[:, None])
-        if MASKED:
-            valid = offs_n[None, :] < N_K
-            if IS_CAUSAL:
-                valid = valid & (offs_m[:, None] >= offs_n[None, :])
-            p = tl.where(valid, p, 0.0)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq)
+        dq = _dq_tile(dq, q, do, lse2, delta, k, v, offs_m, offs_n, N_K, qk_scale, MASKED, IS_CAUSAL)
     return dq
+
+
+@triton.jit
+def _dq_tile(dq, q, do, lse2, delta, k, v, offs_m, offs_n, N_K, qk_scale, MASKED: tl.constexpr,
+             IS_CAUSAL: tl.constexpr):
+    """dQ of one query tile updated with one key tile (MASKED: key rows past N_K, and causally
+    hidden ones, get P = 0)."""
+    qk = tl.dot(q, tl.trans(k))
+    dp = tl.dot(do, tl.trans(v))
+    p = tl.math.exp2(qk * qk_scale - lse2[:, None])
+    if MASKED:
+        valid = offs_n[None, :] < N_K
+        if IS_CAUSAL:
+            valid = valid & (offs_m[:, None] >= offs_n[None, :])
+        p = tl.where(valid, p, 0.0)
+    ds = p * (dp - delta[:, None])
+    return tl.dot(ds.to(k.dtype), k, dq)
 
 
 @triton.jit
