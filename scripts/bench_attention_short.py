@@ -16,23 +16,32 @@ median of ``triton.testing.do_bench`` for one attention layer (the model has 4).
 * ``layer``: at T = 256, forward + backward through autograd of RoPE + attention: SDPA with our RoPE
   kernels, FlashAttention (two-pass, short) with them, short with RoPE inside after the tiled or the
   whole-sequence forward; plus the bf16 errors of each against float64.
+* ``ab`` (with ``--baseline-short FILE``): at T = 256, the one-launch backward of this tree against
+  another version of ``flash_kernels_short.py`` (e.g. from an earlier commit) in the same process,
+  every candidate config forced, without and with RoPE inside, the two timed alternately.
 
     PYTHONPATH=assignment1:assignment2 python3 scripts/bench_attention_short.py --out short.json
+    git show 113d70a:assignment2/cs336_systems/flash_kernels_short.py > /tmp/short_old.py
+    PYTHONPATH=assignment1:assignment2 python3 scripts/bench_attention_short.py ab --baseline-short /tmp/short_old.py
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import statistics
 
 import torch
 
 H, D, TOKENS = 16, 32, 32768
+DEVICE = "cuda"  # (the 'ab' table also runs on CPU under TRITON_INTERPRET=1, at a small TOKENS: a smoke test)
 
 
 def make_qkv(t: int, grad: bool = False, b: int | None = None) -> tuple[torch.Tensor, ...]:
     b = b or TOKENS // t
-    return tuple(torch.randn(b, t, H, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_(grad)
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    return tuple(torch.randn(b, t, H, D, device=DEVICE, dtype=dtype).transpose(1, 2).requires_grad_(grad)
                  for _ in range(3))
 
 
@@ -197,12 +206,63 @@ def layer_table(t=256) -> dict:
     return {"fwd_bwd_ms": out, "grad_rel_err_vs_fp64": errs}
 
 
+def load_baseline(fk, path: str):
+    """``path`` (a flash_kernels_short.py) as a module of its own. Importing it registers its launcher
+    under the same name ("short") in ``fk``: that entry is put back, and the baseline is only run with
+    a forced config (its own kernel, never the shared autotuner)."""
+    saved = dict(fk._CONFIG_LISTS)
+    spec = importlib.util.spec_from_file_location("baseline_flash_kernels_short", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    fk._CONFIG_LISTS.clear()
+    fk._CONFIG_LISTS.update(saved)
+    return module
+
+
+def ab_table(fk, fs, baseline, t=256, repeats=3) -> dict:
+    """This tree's one-launch backward against ``baseline``'s, per forced config, without and with RoPE
+    inside (rotated q, k from the forward, as the model runs it): medians of ``repeats`` alternating
+    timings, the ratio new / baseline, and the largest difference between their gradients."""
+    from cs336_basics.model import RotaryPositionalEmbedding
+
+    q, k, v = make_qkv(t)
+    rope = RotaryPositionalEmbedding(10000.0, D, t, device=DEVICE)
+    tables = (torch.arange(t, device=DEVICE).expand(q.shape[:-1]), rope.cos, rope.sin)
+    o, L = fk.flash_fwd(q, k, v, True)
+    o_r, L_r, q_r, k_r = fk.flash_fwd(q, k, v, True, tables)
+    do = torch.randn_like(o)
+    configs, candidates = fk._CONFIG_LISTS["short"]
+    out = {}
+    for cfg in candidates(configs, D, torch.bfloat16):
+        fk.FORCE_CONFIG["short"] = cfg
+        for rope_inside in (False, True):
+            args = (q_r, k_r, v, o_r, L_r, do, True, tables) if rope_inside else (q, k, v, o, L, do, True)
+            new = lambda args=args: fs.flash_bwd_short(*args)
+            old = lambda args=args: baseline.flash_bwd_short(*args)
+            diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(new(), old(), strict=True))
+            times = {"new": [], "baseline": []}
+            for _ in range(repeats):
+                times["new"].append(bench(new))
+                times["baseline"].append(bench(old))
+            row = {name: statistics.median(ts) for name, ts in times.items()}
+            row |= {"ratio": row["new"] / row["baseline"], "max_abs_diff": diff, "times": times}
+            out[f"{fk.config_name(cfg)}{' rope' if rope_inside else ''}"] = row
+            print(f"short {fk.config_name(cfg):14s} {'RoPE inside' if rope_inside else 'no RoPE    '} "
+                  f"new {row['new']:.4f} baseline {row['baseline']:.4f} ms  ratio {row['ratio']:.3f}  "
+                  f"max |diff| {diff:.1e}", flush=True)
+    fk.FORCE_CONFIG.clear()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", nargs="*", default=["kernels", "configs", "rope", "layer"])
     ap.add_argument("--seqs", type=int, nargs="+", default=[128, 256, 512, 1024])
     ap.add_argument("--out", default="bench_attention_short.json")
+    ap.add_argument("--baseline-short", help="for 'ab': another flash_kernels_short.py to time against this tree's")
     args = ap.parse_args()
+    if "ab" in args.what and not args.baseline_short:
+        ap.error("'ab' needs --baseline-short FILE (e.g. git show REV:assignment2/cs336_systems/flash_kernels_short.py)")
     from cs336_systems import flash_kernels as fk
     from cs336_systems import flash_kernels_short as fs
     from cs336_systems import flash_kernels_whole as fw
@@ -218,6 +278,8 @@ def main() -> None:
         results["inductor"] = inductor_table(fk)
     if "layer" in args.what:
         results["layer"] = layer_table()
+    if "ab" in args.what:
+        results["ab"] = ab_table(fk, fs, load_baseline(fk, args.baseline_short))
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1, default=str)
     print("wrote", args.out)
