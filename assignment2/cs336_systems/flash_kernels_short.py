@@ -201,10 +201,12 @@ def _bwd_short(
 # without RoPE 32x128 0.208 ms, 64x64 0.215, 32x64 0.235; RoPE inside (rotated q, k from the forward)
 # 0.256 / 0.296 / 0.298 (timed before the key tile's fetch moved to its epilogue). No register caps:
 # these configs need ~250 registers, and capped (168) they spilled enough to run 1.8-2.4x slower (and
-# inductor drops caps anyway, see ``flash_kernels._cfg``).
+# inductor drops caps anyway, see ``flash_kernels._cfg``). 16x64/w4 is the occupancy candidate, not yet
+# timed: 140 registers with RoPE (128 without) in an sm_90 compile, so three or four programs per SM
+# instead of two, for ~1.75x the instructions per score of 32x128 (scripts/kernel_sass.py).
 SHORT_CONFIGS = [
-    _cfg(32, 128, 4, 2), _cfg(64, 64, 4, 2), _cfg(32, 64, 4, 2), _cfg(64, 64, 4, 3), _cfg(64, 128, 8, 2),
-    _cfg(64, 64, 8, 2), _cfg(32, 64, 8, 2), _cfg(32, 32, 4, 2), _cfg(16, 16, 4, 2),
+    _cfg(32, 128, 4, 2), _cfg(64, 64, 4, 2), _cfg(32, 64, 4, 2), _cfg(64, 128, 8, 2), _cfg(64, 64, 8, 2),
+    _cfg(16, 64, 4, 2), _cfg(64, 64, 4, 3), _cfg(32, 64, 8, 2), _cfg(32, 32, 4, 2), _cfg(16, 16, 4, 2),
 ]
 _launch_short = _launcher("short", _bwd_short, SHORT_CONFIGS)
 
