@@ -73,6 +73,7 @@ class Plan:
     grpo_lr: float = 3e-4
     grpo_epochs: int = 2  # optimizer passes over each rollout batch (GRPO-Clip keeps the 2nd pass near the 1st's policy)
     eval_problems: int = 500
+    eval_samples: int = 4  # T=1 completions per held-out problem (accuracy is their mean; greedy takes one)
     max_new_tokens: int = 48
 
     @classmethod
@@ -100,7 +101,11 @@ class Plan:
             # unlearned (T=1 accuracy ~0.04): GRPO then had almost no reward signal and gained nothing.
             # One optimizer pass per rollout batch: 2.3x cheaper GRPO steps (no second pass, no old-policy
             # forward), which bought more held-out accuracy per second than 2 passes x fewer steps.
-            plan = dataclasses.replace(plan, pretrain_steps=300, pretrain_batch=16, sft_steps=150, grpo_epochs=1)
+            # 30 GRPO steps, not 20: from one SFT model, held-out T=1 accuracy 0.377 -> 0.423 after 20 steps,
+            # 0.501 and 0.509 after 30 (two GRPO seeds), for ~18 s more on 2 cores. CI asserts the gain, and
+            # it should stand well clear of the run-to-run spread (docs/benchmarks.md, quickstart).
+            plan = dataclasses.replace(plan, pretrain_steps=300, pretrain_batch=16, sft_steps=150, grpo_epochs=1,
+                                       grpo_steps=30)
         return plan
 
 
@@ -286,7 +291,9 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def stage_evaluate(policy_spec: Path, tok_dir: Path, rows: list[dict], device: str, seed: int,
-                   max_new_tokens: int, samples_path: Path) -> dict:
+                   max_new_tokens: int, samples_path: Path, samples_per_problem: int = 1) -> dict:
+    """Reward, accuracy and format rate on ``rows``: at T=1 over ``samples_per_problem`` completions
+    of each problem (one call, so each gets its own noise), and greedy (one)."""
     from cs336_alignment.grading import r1_zero_reward_fn
     from cs336_alignment.models import load_policy
     from cs336_alignment.rollout import SamplingParams, make_engine
@@ -297,10 +304,10 @@ def stage_evaluate(policy_spec: Path, tok_dir: Path, rows: list[dict], device: s
     ex = qa_examples(rows)
     prompts, answers = [e["question"] for e in ex], [e["answer"] for e in ex]
     res = {}
-    for name, temp in (("sampled", 1.0), ("greedy", 0.0)):
+    for name, temp, k in (("sampled", 1.0, samples_per_problem), ("greedy", 0.0, 1)):
         params = SamplingParams(temperature=temp, max_new_tokens=max_new_tokens, stop=("</answer>",), seed=seed)
         path = samples_path.with_name(f"{samples_path.stem}_{name}.jsonl")
-        res[name] = evaluate_rewards(engine, prompts, answers, params, r1_zero_reward_fn, path)
+        res[name] = evaluate_rewards(engine, prompts * k, answers * k, params, r1_zero_reward_fn, path)
     return res
 
 
@@ -431,7 +438,8 @@ def write_report(out: Path, plan: Plan, results: dict, commands: dict[str, str],
         "## Held-out evaluation", "",
         (f"{ev['n']} held-out word problems (question strings never seen in pretraining, SFT or GRPO), "
          "prompt `User: <question>\\nAssistant: <think>`, graded by `cs336_alignment.grading.r1_zero_reward_fn` "
-         "(answer reward = correct answer inside `</think> <answer>…</answer>`)."), "",
+         "(answer reward = correct answer inside `</think> <answer>…</answer>`). "
+         f"At T=1 each problem is sampled {plan.eval_samples} times and the accuracy is the mean."), "",
         "| model | accuracy (T=1) | format rate (T=1) | accuracy (greedy) | format rate (greedy) |",
         "|---|---|---|---|---|",
     ]
@@ -483,7 +491,23 @@ def _config(cls: type, **kw: Any) -> Any:
 
 
 def run(plan: Plan, out: Path, argv: list[str] | None = None) -> dict:
-    """Run every stage into ``out``; returns the results (also ``out/results.json``)."""
+    """Run every stage into ``out``; returns the results (also ``out/results.json``).
+
+    On CPU the run is reproducible bit for bit on one machine: PyTorch's deterministic algorithms are on
+    while it runs. Without them two runs of the same command differed (pretrained weights by up to
+    9e-5), GRPO's sampled rollouts then diverged, and the held-out accuracy after GRPO moved by ±0.04.
+    They cost nothing measurable here (60 pretraining steps: 14.0 s with, 14.7 s without)."""
+    import torch
+
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(plan.device == "cpu" or previous)
+    try:
+        return _run_stages(plan, out, argv)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def _run_stages(plan: Plan, out: Path, argv: list[str] | None) -> dict:
     import torch
 
     t_all = time.perf_counter()
@@ -583,7 +607,7 @@ def run(plan: Plan, out: Path, argv: list[str] | None = None) -> dict:
     eval_dir.mkdir(exist_ok=True)
     for name, spec in (("pretrained", pre_ckpt), ("sft", sft_policy_dir), ("grpo", grpo_policy_dir)):
         ev[name] = stage_evaluate(spec, tok_dir, test_rows, plan.device, plan.seed, plan.max_new_tokens,
-                                  eval_dir / f"{name}.jsonl")
+                                  eval_dir / f"{name}.jsonl", plan.eval_samples)
         s, g = ev[name]["sampled"], ev[name]["greedy"]
         print(f"  {name:<10} accuracy {s['accuracy']:.3f} (T=1)  {g['accuracy']:.3f} (greedy) | "
               f"format {s['format_rate']:.3f} (T=1)", flush=True)
@@ -594,7 +618,7 @@ def run(plan: Plan, out: Path, argv: list[str] | None = None) -> dict:
         "from pathlib import Path; from cs336.quickstart import stage_evaluate; from cs336.synthetic import load_problems; "
         f"print(stage_evaluate(Path({str(grpo_policy_dir)!r}), Path({str(tok_dir)!r}), "
         f"load_problems({info['test']!r})[:{plan.eval_problems}], {plan.device!r}, {plan.seed}, {plan.max_new_tokens}, "
-        f"Path({str(eval_dir / 'rerun.jsonl')!r})))")
+        f"Path({str(eval_dir / 'rerun.jsonl')!r}), {plan.eval_samples}))")
 
     results = {"plan": dataclasses.asdict(plan), "argv": list(argv or []), "stages": stages, "pretrain": pre,
                "evaluation": ev, "grpo_minus_sft_accuracy": delta, "wall_s": time.perf_counter() - t_all}
