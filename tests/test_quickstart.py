@@ -83,3 +83,19 @@ def test_plan_scales():
     assert big.d_model % big.num_heads == 0
     with pytest.raises(ValueError):
         Plan.for_scale(0)
+
+
+def test_cpu_runs_use_deterministic_algorithms_and_restore_the_setting(monkeypatch, tmp_path):
+    """Without deterministic algorithms two CPU runs of the same command diverged (docs/benchmarks.md)."""
+    import torch
+
+    from cs336 import quickstart
+
+    seen = []
+    monkeypatch.setattr(quickstart, "_run_stages", lambda plan, out, argv: seen.append(
+        torch.are_deterministic_algorithms_enabled()) or {})
+    before = torch.are_deterministic_algorithms_enabled()
+    quickstart.run(Plan.for_scale(0.3, "cpu"), tmp_path)
+    quickstart.run(Plan.for_scale(0.3, "cuda"), tmp_path)
+    assert seen == [True, before]
+    assert torch.are_deterministic_algorithms_enabled() == before
