@@ -45,6 +45,16 @@ def make_qkv(t: int, grad: bool = False, b: int | None = None) -> tuple[torch.Te
                  for _ in range(3))
 
 
+def rope_tables(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kernels' ``rope`` argument for ``q`` (B, H, T, D): positions 0..T-1 as (B, H, T), and the
+    model's cos/sin tables (T, D/2)."""
+    from cs336_basics.model import RotaryPositionalEmbedding
+
+    t = q.shape[-2]
+    rope = RotaryPositionalEmbedding(10000.0, D, t, device=q.device)
+    return torch.arange(t, device=q.device).expand(q.shape[:-1]), rope.cos, rope.sin
+
+
 def bench(fn, warmup=25, rep=100) -> float:
     import triton
 
@@ -77,11 +87,8 @@ def kernels_table(fk, fs, fw, seqs) -> list[dict]:
 def configs_table(fk, fs, fw, t=256) -> dict:
     """Every candidate config of the short-sequence kernels forced in turn, without and with RoPE inside,
     plus register-capped forward configs that are not in the forward's list (which serves long sequences too)."""
-    from cs336_basics.model import RotaryPositionalEmbedding
-
     q, k, v = make_qkv(t)
-    rope = RotaryPositionalEmbedding(10000.0, D, t, device="cuda")
-    tables = (torch.arange(t, device="cuda").expand(q.shape[:-1]), rope.cos, rope.sin)
+    tables = rope_tables(q)
     o, L = fk.flash_fwd(q, k, v, True)
     do = torch.randn_like(o)
     extra = {"fwd": [fk._cfg(128, 32, 4, 3, 168), fk._cfg(64, 64, 4, 3, 128), fk._cfg(64, 32, 4, 3, 128)]}
@@ -103,16 +110,13 @@ def configs_table(fk, fs, fw, t=256) -> dict:
 
 def rope_table(fk, fs, fw, t=256) -> dict:
     from cs336_basics import fused_rope
-    from cs336_basics.model import RotaryPositionalEmbedding
 
     q, k, v = make_qkv(t)
-    rope = RotaryPositionalEmbedding(10000.0, D, t, device="cuda")
-    pos = torch.arange(t, device="cuda").expand(q.shape[:-1])
-    tables = (pos, rope.cos, rope.sin)
+    tables = rope_tables(q)
     o, L = fk.flash_fwd(q, k, v, True)
     do = torch.randn_like(o)
     row = {
-        "rope_kernel_4_calls_ms": 4 * bench(lambda: fused_rope._rotated(q, pos, rope.cos, rope.sin, 1.0)),
+        "rope_kernel_4_calls_ms": 4 * bench(lambda: fused_rope._rotated(q, *tables, 1.0)),
         "fwd_ms": bench(lambda: fk.flash_fwd(q, k, v, True)),
         "fwd_rope_inside_ms": bench(lambda: fk.flash_fwd(q, k, v, True, tables)),
         "bwd_short_ms": bench(lambda: fs.flash_bwd_short(q, k, v, o, L, do, True)),
@@ -129,15 +133,13 @@ def inductor_table(fk, t=256) -> dict:
     """Does a register cap (``maxnreg``) survive torch.compile? The one-launch backward with RoPE inside,
     one config forced (so the traced op body launches that kernel with explicit options, no autotuner),
     timed eager and as the compiled operator."""
-    from cs336_basics.model import RotaryPositionalEmbedding
     from cs336_systems.flash_attention import flash_bwd_op
 
     q, k, v = make_qkv(t)
-    rope = RotaryPositionalEmbedding(10000.0, D, t, device="cuda")
-    pos = torch.arange(t, device="cuda").expand(q.shape[:-1])
-    o, L, q, k = fk.flash_fwd(q, k, v, True, (pos, rope.cos, rope.sin))  # (the backward takes them rotated)
+    tables = rope_tables(q)
+    o, L, q, k = fk.flash_fwd(q, k, v, True, tables)  # (the backward takes them rotated)
     do = torch.randn_like(o)
-    args = (q, k, v, o, L.view(q.shape[:-1]), do, True, pos, rope.cos, rope.sin)
+    args = (q, k, v, o, L.view(q.shape[:-1]), do, True, *tables)
     out = {}
     for cfg in (fk._cfg(64, 64, 4, 3), fk._cfg(64, 64, 4, 3, 168)):
         fk.FORCE_CONFIG["short"] = cfg
@@ -223,11 +225,8 @@ def ab_table(fk, fs, baseline, t=256, repeats=3) -> dict:
     """This tree's one-launch backward against ``baseline``'s, per forced config, without and with RoPE
     inside (rotated q, k from the forward, as the model runs it): medians of ``repeats`` alternating
     timings, the ratio new / baseline, and the largest difference between their gradients."""
-    from cs336_basics.model import RotaryPositionalEmbedding
-
     q, k, v = make_qkv(t)
-    rope = RotaryPositionalEmbedding(10000.0, D, t, device=DEVICE)
-    tables = (torch.arange(t, device=DEVICE).expand(q.shape[:-1]), rope.cos, rope.sin)
+    tables = rope_tables(q)
     o, L = fk.flash_fwd(q, k, v, True)
     o_r, L_r, q_r, k_r = fk.flash_fwd(q, k, v, True, tables)
     do = torch.randn_like(o)

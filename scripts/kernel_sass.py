@@ -39,6 +39,7 @@ KERNELS = {
 }
 FLOAT_ARGS = {"qk_scale", "sm_scale"}
 INT64_POINTERS = {"Pos"}
+INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]{4,}\*/\s+(.*?);", re.MULTILINE)  # an nvdisasm line: /*addr*/ INST ...;
 SIZES = {"H", "N", "N_Q", "N_K"}
 
 
@@ -108,9 +109,9 @@ def loops(sass: str) -> list[dict]:
         if label:
             labels[label.group(1)] = len(insts)
             continue
-        inst = re.match(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
+        inst = INSTRUCTION.match(line)
         if inst:
-            insts.append(inst.group(2))
+            insts.append(inst.group(1))
     out = []
     for i, inst in enumerate(insts):
         target = re.search(r"BRA\s+(?:`\()?\.?(L_x_\d+)", inst)
@@ -135,7 +136,7 @@ def analyse(kernel: str, tiles: tuple, head_dim: int, causal: bool = True, rope:
     compiled = compile_sm90(fn, signature(fn, fp32_pointers, constexprs, dtype), constexprs, warps, stages, maxnreg)
     cubin = compiled.asm["cubin"]
     sass = _run_on_cubin("nvdisasm", ["-c"], cubin)
-    total = collections.Counter(_opcode(m.group(1)) for m in re.finditer(r"^\s+/\*[0-9a-f]{4,}\*/\s+(.*?);", sass, re.MULTILINE))
+    total = collections.Counter(_opcode(m.group(1)) for m in INSTRUCTION.finditer(sass))
     return {"kernel": kernel, "tiles": f"{bm}x{bn}/w{warps}/s{stages}" + (f"/r{maxnreg}" if maxnreg else ""),
             "head_dim": head_dim, "rope": rope, "packed": packed, "dtype": dtype, **resources(cubin),
             "shared_dynamic": compiled.metadata.shared, "instructions": sum(total.values()), "loops": loops(sass)}
