@@ -36,8 +36,9 @@ class TrainConfig:
     ffn: str = _f("swiglu", "ablation: 'swiglu' or 'silu' (ungated)", choices=("swiglu", "silu"))
     use_rope: bool = _f(True, "ablation: False = no positional information (NoPE)")
     tie_embeddings: bool = _f(False, "share the input embedding and the LM head")
-    attn_backend: str = _f("sdpa", "attention kernel: 'math' (ours), 'sdpa' (PyTorch), 'flash' (cs336_systems)",
-                           choices=("math", "sdpa", "flash"))
+    attn_backend: str = _f("auto", "attention kernel: 'math' (ours), 'sdpa' (PyTorch), 'flash' (cs336_systems), "
+                                   "'auto' ('flash' on CUDA when cs336_systems is installed, else 'sdpa')",
+                           choices=("auto", "math", "sdpa", "flash"))
     model_impl: str = _f("cs336", "'cs336' (ours) or 'hf-llama' (transformers' Llama of the same shape, "
                                   "initialized with our weights: the benchmark baseline)", choices=("cs336", "hf-llama"))
     # --- optimization
@@ -58,7 +59,7 @@ class TrainConfig:
     # --- evaluation, logging, checkpoints
     eval_interval: int = _f(500, "evaluate every N steps (and always at the last step)")
     eval_batches: int = _f(20, "batches of the fixed validation set")
-    log_interval: int = _f(1, "print/log a line every N steps (each log syncs with the GPU)")
+    log_interval: int = _f(1, "print/log a line every N steps (each is read back one step late, so it does not stall the GPU)")
     checkpoint_interval: int = _f(1000, "write out_dir/checkpoint.pt every N steps (0 = only at the end)")
     out_dir: str = _f("runs/lm", "folder for checkpoint.pt, metrics.jsonl, config.json, loss_curve.png")
     resume: str = _f("", "checkpoint to resume from ('auto' = out_dir/checkpoint.pt)")

@@ -1,7 +1,10 @@
 """Pretrain the Transformer LM: a flat loop over token files, resumable, wall-clock limited.
 
 Order of one step: lr → eval/checkpoint → micro-batches fwd/bwd → clip → optimizer step →
-zero_grad → log. ``for step in range(start, max_steps + 1)`` with ``last_step`` so the final
+zero_grad → log of the step before. A logged step's loss is read back (``.item()``) only once the
+next step is queued on the GPU, so the host's work between steps (the batch, the log line) never
+leaves the GPU idle; evaluation and checkpoints read the pending loss first, so a non-finite loss
+still stops the run before any checkpoint is written after it. ``for step in range(start, max_steps + 1)`` with ``last_step`` so the final
 evaluation and checkpoint always happen.
 
     cs336-basics train --preset tinystories-17m --train-data train.bin --val-data valid.bin --compile
@@ -72,18 +75,33 @@ def pick_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
+def attn_backend(cfg: TrainConfig, device: torch.device) -> str:
+    """``cfg.attn_backend`` with "auto" resolved: our FlashAttention (Triton, RoPE inside its kernels;
+    the fastest, docs/benchmarks.md) on CUDA when ``cs336_systems`` is installed, else PyTorch's SDPA."""
+    if cfg.attn_backend != "auto":
+        return cfg.attn_backend
+    if device.type != "cuda" or cfg.model_impl != "cs336":
+        return "sdpa"
+    try:
+        import cs336_systems.flash_attention  # noqa: F401 (an optional sibling package)
+    except ImportError:
+        return "sdpa"
+    return "flash"
+
+
 def build_model(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
     """Our TransformerLM, or (``model_impl="hf-llama"``) transformers' Llama with the same init weights."""
+    backend = attn_backend(cfg, device)
     lm = TransformerLM(cfg.vocab_size, cfg.context_length, cfg.d_model, cfg.num_layers, cfg.num_heads, cfg.d_ff,
                        cfg.rope_theta, norm=cfg.norm, ffn=cfg.ffn, use_rope=cfg.use_rope,
-                       tie_embeddings=cfg.tie_embeddings, attn_backend=cfg.attn_backend, device=device)
+                       tie_embeddings=cfg.tie_embeddings, attn_backend=backend, device=device)
     if cfg.model_impl == "cs336":
         return lm
     from cs336_basics.hf_llama import HFLogits, to_hf_llama
 
     if cfg.norm != "pre" or cfg.ffn != "swiglu" or not cfg.use_rope or cfg.tie_embeddings:
         raise ValueError("model_impl='hf-llama' supports only the default architecture (no ablations)")
-    attn = "eager" if cfg.attn_backend == "math" else "sdpa"
+    attn = "eager" if backend == "math" else "sdpa"
     return HFLogits(to_hf_llama(lm, cfg.rope_theta, attn_implementation=attn), cfg.vocab_size, cfg.context_length)
 
 
@@ -276,16 +294,48 @@ def train(cfg: TrainConfig, strategy=None) -> dict:
     peak = peak_flops(device, cfg.dtype)
     n_params = sum(p.numel() for p in raw_model.parameters())
     log(f"config: {json.dumps(cfg.to_dict())}")
-    log(f"git {git_sha()} | device {device} | world {world} | params {n_params / 1e6:.2f}M | "
+    log(f"git {git_sha()} | device {device} | world {world} | attention {attn_backend(cfg, device)} | "
+        f"params {n_params / 1e6:.2f}M | "
         f"{tokens_per_step:,} tokens/step | {flops_step / tokens_per_step / 1e6:.1f} MFLOP/token"
         + (f" | resumed at step {start_step}" if ckpt is not None else ""))
 
     t_start = time.perf_counter()
-    t_last, step_last = t_start, start_step
+    clock = {"t_last": t_start, "step_last": start_step}  # the throughput window of the next log line
     result = {"stopped": "done", "step": start_step}
     last_loss = float("nan")
     val_loss = None
     stop_for_time = False
+    pending = None  # (step, lr, loss, grad_norm) of the last step to log, its tensors not yet read
+
+    def read_back() -> dict | None:
+        """Log the pending step (its .item() waits for that step only: the step after it is already
+        queued, so the GPU never idles while the host reads, logs and prepares the next batch).
+        Returns the stop result when its loss is not finite, else None."""
+        nonlocal pending, last_loss
+        if pending is None:
+            return None
+        p_step, p_lr, p_loss, p_norm = pending
+        pending = None
+        last_loss = p_loss.item()
+        grad_norm = float(p_norm)  # a 0-dim tensor from clip_grad_norm; ready with the loss
+        if strategy is not None:
+            last_loss = strategy.all_reduce_mean(last_loss)
+        if not math.isfinite(last_loss):
+            return _stop_nonfinite(p_step, "training", out_dir, is_main, result, metrics_file, wandb_run)
+        now = time.perf_counter()
+        tok_s = (p_step + 1 - clock["step_last"]) * tokens_per_step / max(now - clock["t_last"], 1e-9)
+        mfu = tok_s * flops_step / tokens_per_step / peak if peak else None
+        mem = memory_gb(device)
+        clock.update(t_last=now, step_last=p_step + 1)
+        wall = wall_before + now - t_start
+        log(f"step {p_step:>6} | loss {last_loss:.4f} | lr {p_lr:.2e} | {tok_s:>9,.0f} tok/s | "
+            f"mfu {'%5.1f%%' % (100 * mfu) if mfu is not None else '  n/a'} | mem {mem:.2f} GB | "
+            f"norm {grad_norm:.2f} | {wall:.1f}s")
+        record({"step": p_step, "loss": last_loss, "lr": p_lr, "tok_s": round(tok_s, 1),
+                "mfu": None if mfu is None else round(mfu, 4), "mem_gb": round(mem, 3),
+                "grad_norm": grad_norm, "wall_s": round(wall, 3)})
+        return None
+
     for step in range(start_step, cfg.max_steps + 1):
         last_step = step == cfg.max_steps or stop_for_time
         wall = wall_before + time.perf_counter() - t_start
@@ -296,7 +346,10 @@ def train(cfg: TrainConfig, strategy=None) -> dict:
         # ---- eval / checkpoint (not again at the step a resumed run starts from)
         resumed_here = ckpt is not None and step == start_step
         if (last_step or step % cfg.eval_interval == 0) and not resumed_here:
+            if (stopped := read_back()) is not None:  # a non-finite loss never reaches a checkpoint
+                return stopped
             t_eval = time.perf_counter()
+            wall = wall_before + t_eval - t_start
             val_loss = evaluate(model, val_data, cfg, device, autocast)
             if strategy is not None:
                 val_loss = strategy.all_reduce_mean(val_loss)
@@ -306,13 +359,13 @@ def train(cfg: TrainConfig, strategy=None) -> dict:
                 return _stop_nonfinite(step, "validation", out_dir, is_main, result, metrics_file, wandb_run)
             if last_step or (cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0 and step > start_step):
                 checkpoint(step, wall)
-            t_last += time.perf_counter() - t_eval  # eval time does not count against throughput
+            clock["t_last"] += time.perf_counter() - t_eval  # eval time does not count against throughput
         if last_step:
             result.update(step=step, stopped="max_minutes" if stop_for_time and step < cfg.max_steps else "done")
             break
 
         # ---- one optimizer step over grad_accum_steps micro-batches
-        loss_sum = torch.zeros((), device=device)
+        loss_sum = None
         for _ in range(cfg.grad_accum_steps):
             x, y = get_batch(train_data, micro, cfg.context_length, device, generator=data_rng)
             x, y = x[rank * per_rank:(rank + 1) * per_rank], y[rank * per_rank:(rank + 1) * per_rank]
@@ -320,34 +373,18 @@ def train(cfg: TrainConfig, strategy=None) -> dict:
                 # LM head + loss in one op on CUDA (the logits are never kept; model.TransformerLM.forward)
                 loss = model(x, targets=y) / cfg.grad_accum_steps
             loss.backward()
-            loss_sum += loss.detach()
+            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
         if strategy is not None:
             strategy.after_backward(model, optimizer)
         grad_norm = clip_grad_norm(model.parameters(), cfg.grad_clip) if cfg.grad_clip else float("nan")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-        # ---- log (the .item() syncs with the GPU)
+        # ---- log the previous logged step now that this one is queued, and keep this one for later
+        if (stopped := read_back()) is not None:
+            return stopped
         if step % cfg.log_interval == 0 or step + 1 == cfg.max_steps:
-            last_loss = loss_sum.item()
-            grad_norm = float(grad_norm)  # a 0-dim tensor from clip_grad_norm; synced with the loss
-            if strategy is not None:
-                last_loss = strategy.all_reduce_mean(last_loss)
-            if not math.isfinite(last_loss):
-                return _stop_nonfinite(step, "training", out_dir, is_main, result, metrics_file, wandb_run)
-            now = time.perf_counter()
-            dt = max(now - t_last, 1e-9)
-            tok_s = (step + 1 - step_last) * tokens_per_step / dt
-            mfu = tok_s * flops_step / tokens_per_step / peak if peak else None
-            mem = memory_gb(device)
-            t_last, step_last = now, step + 1
-            wall = wall_before + now - t_start
-            log(f"step {step:>6} | loss {last_loss:.4f} | lr {lr:.2e} | {tok_s:>9,.0f} tok/s | "
-                f"mfu {'%5.1f%%' % (100 * mfu) if mfu is not None else '  n/a'} | mem {mem:.2f} GB | "
-                f"norm {grad_norm:.2f} | {wall:.1f}s")
-            record({"step": step, "loss": last_loss, "lr": lr, "tok_s": round(tok_s, 1),
-                    "mfu": None if mfu is None else round(mfu, 4), "mem_gb": round(mem, 3),
-                    "grad_norm": grad_norm, "wall_s": round(wall, 3)})
+            pending = (step, lr, loss_sum, grad_norm)
         if cfg.max_minutes:  # over time: the next iteration is the last (eval + checkpoint)
             over = float(wall_before + time.perf_counter() - t_start >= 60 * cfg.max_minutes)
             if strategy is not None:  # every rank must stop at the same step

@@ -95,6 +95,64 @@ def test_nonfinite_loss_stops_cleanly_and_keeps_last_good_checkpoint(tmp_path, m
     assert read_checkpoint(Path(cfg.out_dir) / "checkpoint.pt")["iteration"] == 4
 
 
+def test_nonfinite_loss_just_before_a_checkpoint_never_reaches_it(tmp_path, monkeypatch):
+    # a logged loss is read back one step late; the eval/checkpoint at step 8 must read step 7's first
+    cfg = _cfg(tmp_path, max_steps=20)
+    from cs336_basics import nn_utils
+
+    real_ce, calls = nn_utils.cross_entropy, {"n": 0}
+
+    def ce(logits, y):
+        calls["n"] += 1  # eval at 0: calls 1-2, steps 0-3: 3-6, eval at 4: 7-8, steps 4-7: 9-12
+        loss = real_ce(logits, y)
+        return loss * float("nan") if calls["n"] >= 12 else loss
+
+    monkeypatch.setattr(nn_utils, "cross_entropy", ce)
+    result = T.train(cfg)
+    assert result["stopped"] == "non-finite loss" and "non-finite training loss at step 7" in result["message"]
+    assert read_checkpoint(Path(cfg.out_dir) / "checkpoint.pt")["iteration"] == 4
+    assert [r["step"] for r in _rows(cfg) if "loss" in r] == [0, 1, 2, 3, 4, 5, 6]
+
+
+def test_logged_losses_are_their_steps_and_read_one_step_late(tmp_path, monkeypatch, capsys):
+    cfg = _cfg(tmp_path, max_steps=6, eval_interval=1000, checkpoint_interval=0, grad_accum_steps=2)
+    real_get_batch, batches = T.get_batch, []
+
+    def marking_get_batch(*a, **k):
+        batches.append(len(batches))
+        print(f"BATCH {len(batches) - 1}")
+        return real_get_batch(*a, **k)
+
+    monkeypatch.setattr(T, "get_batch", marking_get_batch)
+    T.train(cfg)
+    out = [x for x in capsys.readouterr().out.splitlines() if x.startswith("BATCH") or "| loss " in x]
+    for s in range(cfg.max_steps - 1):  # step s is logged once step s + 1's batches (2s + 2, 2s + 3) are in
+        line = next(i for i, x in enumerate(out) if x.startswith(f"step {s:>6} | loss"))
+        assert out.index(f"BATCH {2 * s + 3}") < line
+
+    # the same steps by hand, independently of the loop: the logged losses are exactly theirs
+    torch.manual_seed(cfg.seed)
+    model = T.build_model(cfg, torch.device("cpu"))
+    opt = T.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                  weight_decay=cfg.weight_decay)
+    data, rng, want = T.load_tokens(cfg.train_data), torch.Generator().manual_seed(cfg.seed), []
+    for step in range(cfg.max_steps):
+        for group in opt.param_groups:
+            group["lr"] = T.cosine_lr(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
+        total = 0.0
+        for _ in range(cfg.grad_accum_steps):
+            x, y = real_get_batch(data, cfg.batch_size // 2, cfg.context_length, "cpu", generator=rng)
+            loss = model(x, targets=y) / cfg.grad_accum_steps
+            loss.backward()
+            total += loss.item()
+        T.clip_grad_norm(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        want.append(total)
+    got = [r["loss"] for r in _rows(cfg) if "loss" in r]
+    assert got == pytest.approx(want, rel=1e-5)
+
+
 def test_max_minutes_stops_with_eval_and_checkpoint(tmp_path):
     cfg = _cfg(tmp_path, max_steps=100_000, max_minutes=1e-6)
     result = T.train(cfg)
@@ -142,6 +200,18 @@ def test_tokenizer_vocab_mismatch_rejected(tmp_path):
     Tokenizer(vocab, [], ["<|endoftext|>"]).save(tmp_path / "tok")
     with pytest.raises(T.TrainingStopped, match="257 tokens but vocab_size=32"):
         T.train(_cfg(tmp_path, tokenizer_dir=str(tmp_path / "tok")))
+
+
+def test_auto_attention_backend(tmp_path):
+    import importlib.util
+
+    cfg = _cfg(tmp_path, attn_backend="auto")
+    assert T.attn_backend(cfg, torch.device("cpu")) == "sdpa"
+    has_flash = importlib.util.find_spec("cs336_systems") is not None
+    assert T.attn_backend(cfg, torch.device("cuda")) == ("flash" if has_flash else "sdpa")
+    assert T.attn_backend(cfg.replace(model_impl="hf-llama"), torch.device("cuda")) == "sdpa"
+    assert T.attn_backend(cfg.replace(attn_backend="math"), torch.device("cuda")) == "math"
+    assert TrainConfig().attn_backend == "auto"
 
 
 def test_config_validation_and_presets():
