@@ -301,6 +301,36 @@ def test_interp_model_with_flash_backend_matches_math(fuse, rope_inside):
 
 
 @interp_only
+def test_interp_train_loop_with_flash_backend_matches_math(tmp_path):
+    # `cs336-basics train` with our FlashAttention (the "auto" choice on CUDA): training steps, the
+    # no-grad evaluations and the checkpoint, step for step the losses of our own softmax attention
+    import json
+
+    import numpy as np
+    from cs336_basics.config import TrainConfig
+    from cs336_basics.train import train
+
+    rng = np.random.default_rng(0)
+    paths = {}
+    for name, n in (("train", 3000), ("val", 400)):
+        rng.integers(0, 32, n, dtype=np.uint16).tofile(tmp_path / f"{name}.bin")
+        (tmp_path / f"{name}.bin.json").write_text(json.dumps({"dtype": "uint16", "num_tokens": n}))
+        paths[f"{name}_data"] = str(tmp_path / f"{name}.bin")
+    base = TrainConfig(vocab_size=32, context_length=24, d_model=32, num_layers=2, num_heads=2, d_ff=48,
+                       batch_size=4, max_steps=6, warmup_steps=2, eval_interval=3, eval_batches=2,
+                       checkpoint_interval=0, dtype="fp32", device="cpu", **paths)
+    rows = {}
+    for backend in ("math", "flash"):
+        cfg = base.replace(attn_backend=backend, out_dir=str(tmp_path / backend))
+        assert train(cfg)["stopped"] == "done"
+        lines = (tmp_path / backend / "metrics.jsonl").read_text().splitlines()
+        rows[backend] = [(r["step"], r.get("loss", r.get("val_loss"))) for r in map(json.loads, lines)]
+    assert [s for s, _ in rows["flash"]] == [s for s, _ in rows["math"]] and len(rows["math"]) == 9
+    for (_, got), (_, want) in zip(rows["flash"], rows["math"], strict=True):
+        assert got == pytest.approx(want, rel=1e-4)
+
+
+@interp_only
 @pytest.mark.parametrize("use_rope", [False, True])
 def test_interp_qkvpacked_matches_separate_inputs(use_rope, backward_kind):
     # one (B, T, 3C) input: the output and gradient of flash_attn_mha on its three views, the gradient
