@@ -60,7 +60,8 @@ def run_one(tree: Path, extra: list[str], data: tuple[str, str], out_dir: Path, 
     rows = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines()]
     tok_s = [r["tok_s"] for r in rows if "tok_s" in r and r["step"] >= args.skip]
     header = next((x for x in proc.stdout.splitlines() if x.startswith("git ")), "")
-    attention = next((p.strip() for p in header.split("|") if p.strip().startswith("attention")), "")
+    fields = [p.strip() for p in header.split("|")]  # the run's header names its attention backend (older trees: "?")
+    attention = next((f.removeprefix("attention ") for f in fields if f.startswith("attention ")), "?")
     median = statistics.median(tok_s)
     preset = PRESETS[args.preset]
     return {"tok_s_median": round(median), "step_ms": round(1e3 * preset.batch_size * preset.context_length / median, 2),
@@ -94,7 +95,7 @@ def main() -> None:
                 r = run_one(tree, VARIANTS[variant], data, tmp / f"{variant}-{tree_name}", args)
                 rows.append({"variant": variant, "tree": tree_name, **r})
                 print(f"{variant:<10} {tree_name:<9} {r['tok_s_median']:>11,} tok/s  {r['step_ms']:>7.2f} ms/step  "
-                      f"(p10 {r['tok_s_p10']:,})  {r['attention']}",
+                      f"(p10 {r['tok_s_p10']:,})  attention {r['attention']}",
                       flush=True)
     by = {(r["variant"], r["tree"]): r["tok_s_median"] for r in rows}
     ratios = {f"{v}/hf ({t})": round(by[(v, t)] / by[("hf", t)], 3)
