@@ -141,14 +141,15 @@ def git_sha() -> str:
 def evaluate(model, val_data, cfg: TrainConfig, device, autocast) -> float:
     """Mean loss over the fixed validation set (the same windows every time)."""
     model.eval()
-    total, n = 0.0, 0
+    acc = torch.float32 if device.type == "mps" else torch.float64  # (MPS has no float64)
+    total, n = torch.zeros((), dtype=acc, device=device), 0  # summed on the device: one sync at the end
     for x, y in eval_batches(val_data, cfg.batch_size // cfg.grad_accum_steps, cfg.context_length,
                              cfg.eval_batches, device):
         with autocast:
-            total += model(x, targets=y).item() * len(x)  # .item() syncs; eval is rare
+            total += model(x, targets=y).to(acc) * len(x)
         n += len(x)
     model.train()
-    return total / n
+    return total.item() / n
 
 
 def plot_losses(metrics_path: Path, out_png: Path) -> None:

@@ -202,6 +202,21 @@ def test_tokenizer_vocab_mismatch_rejected(tmp_path):
         T.train(_cfg(tmp_path, tokenizer_dir=str(tmp_path / "tok")))
 
 
+def test_evaluate_is_the_mean_loss_over_every_validation_window(tmp_path):
+    cfg = _cfg(tmp_path, eval_batches=3)
+    torch.manual_seed(0)
+    model = T.build_model(cfg, torch.device("cpu"))
+    got = T.evaluate(model, T.load_tokens(cfg.val_data), cfg, torch.device("cpu"), torch.autocast("cpu", enabled=False))
+    losses = []
+    with torch.no_grad():
+        for x, y in T.eval_batches(T.load_tokens(cfg.val_data), cfg.batch_size, cfg.context_length, 3, "cpu"):
+            logits = model(x)
+            losses += torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none") \
+                .view(len(x), -1).mean(1).tolist()
+    assert len(losses) == 3 * cfg.batch_size
+    assert got == pytest.approx(sum(losses) / len(losses), rel=1e-6)
+
+
 def test_auto_attention_backend(tmp_path):
     import importlib.util
 
