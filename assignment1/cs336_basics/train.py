@@ -77,10 +77,12 @@ def pick_device(name: str) -> torch.device:
 
 def attn_backend(cfg: TrainConfig, device: torch.device) -> str:
     """``cfg.attn_backend`` with "auto" resolved: our FlashAttention (Triton, RoPE inside its kernels;
-    the fastest, docs/benchmarks.md) on CUDA when ``cs336_systems`` is installed, else PyTorch's SDPA."""
+    the fastest, docs/benchmarks.md) on a CUDA GPU of compute capability 8.0 or later (Ampere, Hopper:
+    bf16 tensor cores; measured on Hopper) when ``cs336_systems`` is installed, else PyTorch's SDPA
+    (e.g. on a Colab T4, sm_75)."""
     if cfg.attn_backend != "auto":
         return cfg.attn_backend
-    if device.type != "cuda" or cfg.model_impl != "cs336":
+    if device.type != "cuda" or cfg.model_impl != "cs336" or torch.cuda.get_device_capability(device) < (8, 0):
         return "sdpa"
     try:
         import cs336_systems.flash_attention  # noqa: F401 (an optional sibling package)

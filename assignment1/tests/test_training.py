@@ -217,13 +217,17 @@ def test_evaluate_is_the_mean_loss_over_every_validation_window(tmp_path):
     assert got == pytest.approx(sum(losses) / len(losses), rel=1e-6)
 
 
-def test_auto_attention_backend(tmp_path):
+def test_auto_attention_backend(tmp_path, monkeypatch):
     import importlib.util
 
     cfg = _cfg(tmp_path, attn_backend="auto")
     assert T.attn_backend(cfg, torch.device("cpu")) == "sdpa"
     has_flash = importlib.util.find_spec("cs336_systems") is not None
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # an H100
     assert T.attn_backend(cfg, torch.device("cuda")) == ("flash" if has_flash else "sdpa")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # a T4: no bf16 MMA
+    assert T.attn_backend(cfg, torch.device("cuda")) == "sdpa"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert T.attn_backend(cfg.replace(model_impl="hf-llama"), torch.device("cuda")) == "sdpa"
     assert T.attn_backend(cfg.replace(attn_backend="math"), torch.device("cuda")) == "math"
     assert TrainConfig().attn_backend == "auto"
