@@ -341,7 +341,6 @@ def train(cfg: TrainConfig, strategy=None) -> dict:
 
     for step in range(start_step, cfg.max_steps + 1):
         last_step = step == cfg.max_steps or stop_for_time
-        wall = wall_before + time.perf_counter() - t_start
         lr = cosine_lr(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.cosine_steps or cfg.max_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
