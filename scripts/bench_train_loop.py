@@ -9,7 +9,9 @@ warm-up and compilation), next to the step time that implies.
 Variants: ``ours`` (``--attn-backend`` auto: our FlashAttention on CUDA), ``ours-sdpa``, ``hf``
 (transformers' Llama + ``torch.optim.AdamW(fused=True)``); with ``--baseline-tree DIR`` (a folder
 holding another version's ``cs336_basics``, e.g. from ``git archive``), each variant also runs with
-that version's training loop, alternating with this tree's.
+that version's training loop, alternating with this tree's. This tree's runs also profile 20 steps
+(``--profile-steps``, steps 10-29, before the median's window): the device-busy ms per step inside
+the loop, against the loop's own step time, says how long the GPU waits for the host.
 
     PYTHONPATH=assignment1:assignment2 python3 scripts/bench_train_loop.py --out train_loop.json
     mkdir -p /tmp/old && git archive HEAD~3 assignment1 | tar -x -C /tmp/old
@@ -45,7 +47,7 @@ def write_tokens(path: Path, n: int, vocab: int, seed: int) -> str:
     return str(path)
 
 
-def run_one(tree: Path, extra: list[str], data: tuple[str, str], out_dir: Path, args) -> dict:
+def run_one(tree: Path, extra: list[str], data: tuple[str, str], out_dir: Path, args, profile_steps: int) -> dict:
     """One ``cs336-basics train`` process with ``tree``'s cs336_basics first on the path."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(tree), str(REPO / "assignment2"), env.get("PYTHONPATH", "")])
@@ -54,6 +56,8 @@ def run_one(tree: Path, extra: list[str], data: tuple[str, str], out_dir: Path, 
            "--eval-batches", "2", "--checkpoint-interval", "0", "--out-dir", str(out_dir), "--overwrite", *extra]
     if args.compile:
         cmd.append("--compile")
+    if profile_steps:  # steps 10.. (before --skip): how busy the device is inside the loop
+        cmd += ["--profile-steps", str(profile_steps)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
@@ -64,7 +68,8 @@ def run_one(tree: Path, extra: list[str], data: tuple[str, str], out_dir: Path, 
     attention = next((f.removeprefix("attention ") for f in fields if f.startswith("attention ")), "?")
     median = statistics.median(tok_s)
     preset = PRESETS[args.preset]
-    return {"tok_s_median": round(median), "step_ms": round(1e3 * preset.batch_size * preset.context_length / median, 2),
+    profile = next((r["profile"] for r in rows if "profile" in r), {})
+    return {"device_busy_ms": profile.get("device_busy_ms_per_step"), "tok_s_median": round(median), "step_ms": round(1e3 * preset.batch_size * preset.context_length / median, 2),
             "tok_s_p10": round(float(np.percentile(tok_s, 10))), "logged_steps": len(tok_s), "attention": attention}
 
 
@@ -75,6 +80,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--skip", type=int, default=50, help="steps left out of the median (warm-up)")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--profile-steps", type=int, default=20,
+                    help="steps profiled from step 10 (this tree only: older loops lack the option); 0: none")
     ap.add_argument("--baseline-tree", help="a folder holding another version's cs336_basics package")
     ap.add_argument("--out", default="train_loop.json")
     args = ap.parse_args()
@@ -92,10 +99,12 @@ def main() -> None:
         data = (write_tokens(tmp / "train.bin", 2_000_000, vocab, 0), write_tokens(tmp / "val.bin", 100_000, vocab, 1))
         for variant in args.variants:
             for tree_name, tree in trees.items():  # alternating, so drift hits both alike
-                r = run_one(tree, VARIANTS[variant], data, tmp / f"{variant}-{tree_name}", args)
+                prof = args.profile_steps if tree_name == "this" else 0
+                r = run_one(tree, VARIANTS[variant], data, tmp / f"{variant}-{tree_name}", args, prof)
                 rows.append({"variant": variant, "tree": tree_name, **r})
                 print(f"{variant:<10} {tree_name:<9} {r['tok_s_median']:>11,} tok/s  {r['step_ms']:>7.2f} ms/step  "
-                      f"(p10 {r['tok_s_p10']:,})  attention {r['attention']}",
+                      f"(p10 {r['tok_s_p10']:,})  attention {r['attention']}"
+                      + (f"  device busy {r['device_busy_ms']:.2f} ms/step (profiled)" if r["device_busy_ms"] else ""),
                       flush=True)
     by = {(r["variant"], r["tree"]): r["tok_s_median"] for r in rows}
     ratios = {f"{v}/hf ({t})": round(by[(v, t)] / by[("hf", t)], 3)

@@ -13,7 +13,8 @@ SCRIPT = REPO / "scripts" / "bench_train_loop.py"
 def test_runs_the_cli_for_each_variant_and_tree(tmp_path):
     out = tmp_path / "loop.json"
     # the baseline tree is this one: both rows run the same loop, so their ratio is ~1
-    cmd = [sys.executable, str(SCRIPT), "--preset", "tiny", "--no-compile", "--steps", "8", "--skip", "2",
+    cmd = [sys.executable, str(SCRIPT), "--preset", "tiny", "--no-compile", "--steps", "14", "--skip", "8",
+           "--profile-steps", "2",
            "--variants", "ours", "hf", "--baseline-tree", str(REPO / "assignment1"), "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -21,6 +22,7 @@ def test_runs_the_cli_for_each_variant_and_tree(tmp_path):
     assert [(r["variant"], r["tree"]) for r in result["rows"]] == [
         ("ours", "this"), ("ours", "baseline"), ("hf", "this"), ("hf", "baseline")]
     assert all(r["logged_steps"] == 6 and r["tok_s_median"] > 0 for r in result["rows"])
+    assert all(r["device_busy_ms"] is None for r in result["rows"])  # CPU: profiled, but no device kernels
     assert result["rows"][0]["attention"] == "math"  # the tiny preset's backend, from the run's header
     assert set(result["ratios"]) == {"ours/hf (this)", "ours/hf (baseline)", "ours: this/baseline", "hf: this/baseline"}
     assert "ours/hf (this)" in proc.stdout

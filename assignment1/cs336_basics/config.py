@@ -65,6 +65,8 @@ class TrainConfig:
     resume: str = _f("", "checkpoint to resume from ('auto' = out_dir/checkpoint.pt)")
     overwrite: bool = _f(False, "allow a fresh run to replace an existing checkpoint in out_dir")
     max_minutes: float = _f(0.0, "stop (eval + checkpoint) after this much wall time (0 = no limit)")
+    profile_steps: int = _f(0, "profile this many steps from the 11th of the run with torch.profiler: out_dir/"
+                               "trace.json (open in Perfetto) and a summary line (device busy per step)")
     wandb: bool = _f(False, "log to Weights & Biases (needs the 'wandb' extra)")
     wandb_project: str = _f("cs336-basics", "wandb project")
     wandb_mode: str = _f("offline", "wandb mode: 'offline' or 'online'", choices=("offline", "online"))
@@ -80,7 +82,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ["max_steps", "warmup_steps", "cosine_steps", "checkpoint_interval", "max_minutes",
+        for name in ["max_steps", "warmup_steps", "cosine_steps", "checkpoint_interval", "max_minutes", "profile_steps",
                      "weight_decay", "grad_clip", "lr", "min_lr"]:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -45,10 +45,14 @@ from cs336_basics.data import check_token_range, eval_batches, get_batch, load_t
 from cs336_basics.model import TransformerLM
 from cs336_basics.nn_utils import clip_grad_norm
 from cs336_basics.optimizer import AdamW, cosine_lr
+from cs336_basics.profiling import StepProfiler
 
 # Dense bf16 peak (TFLOP/s) by GPU name; fp32 runs use TF32 peaks (half). Unknown GPUs: no MFU.
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0,
                     "4090": 165.0, "3090": 71.0}
+
+
+PROFILE_AFTER = 10  # --profile-steps: steps after the start before the window opens (compilation, warm-up)
 
 
 class TrainingStopped(RuntimeError):
@@ -309,6 +313,9 @@ def train(cfg: TrainConfig, strategy=None) -> dict:
     val_loss = None
     stop_for_time = False
     pending = None  # (step, lr, loss, grad_norm) of the last step to log, its tensors not yet read
+    # --profile-steps: a window of steps after compilation and warm-up (rank 0)
+    prof_first = start_step + PROFILE_AFTER if cfg.profile_steps and is_main else -1
+    profiler = StepProfiler(device, out_dir / "trace.json") if prof_first >= 0 else None
 
     def read_back() -> dict | None:
         """Log the pending step (its .item() waits for that step only: the step after it is already
@@ -324,6 +331,8 @@ def train(cfg: TrainConfig, strategy=None) -> dict:
         if strategy is not None:
             last_loss = strategy.all_reduce_mean(last_loss)
         if not math.isfinite(last_loss):
+            if profiler is not None:
+                profiler.close()
             return _stop_nonfinite(p_step, "training", out_dir, is_main, result, metrics_file, wandb_run)
         now = time.perf_counter()
         tok_s = (p_step + 1 - clock["step_last"]) * tokens_per_step / max(now - clock["t_last"], 1e-9)
@@ -358,6 +367,8 @@ def train(cfg: TrainConfig, strategy=None) -> dict:
             log(f"step {step:>6} | val_loss {val_loss:.4f} | eval {time.perf_counter() - t_eval:.1f}s")
             record({"step": step, "val_loss": val_loss, "wall_s": round(wall, 3), "tokens": step * tokens_per_step})
             if not math.isfinite(val_loss):
+                if profiler is not None:
+                    profiler.close()
                 return _stop_nonfinite(step, "validation", out_dir, is_main, result, metrics_file, wandb_run)
             if last_step or (cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0 and step > start_step):
                 checkpoint(step, wall)
@@ -367,6 +378,8 @@ def train(cfg: TrainConfig, strategy=None) -> dict:
             break
 
         # ---- one optimizer step over grad_accum_steps micro-batches
+        if step == prof_first:
+            profiler.start()
         loss_sum = None
         for _ in range(cfg.grad_accum_steps):
             x, y = get_batch(train_data, micro, cfg.context_length, device, generator=data_rng)
@@ -387,11 +400,20 @@ def train(cfg: TrainConfig, strategy=None) -> dict:
             return stopped
         if step % cfg.log_interval == 0 or step + 1 == cfg.max_steps:
             pending = (step, lr, loss_sum, grad_norm)
+        if profiler is not None and step == prof_first + cfg.profile_steps - 1:
+            summary = profiler.stop(cfg.profile_steps)
+            busy = summary["device_busy_ms_per_step"]
+            log(f"profile of steps {prof_first}-{step}: {summary['wall_ms_per_step']:.2f} ms/step"
+                + (f", device busy {busy:.2f} ms ({summary['device_busy_fraction']:.0%})" if busy is not None else "")
+                + f"; trace {summary['trace']}")
+            record({"step": step, "profile": summary})
         if cfg.max_minutes:  # over time: the next iteration is the last (eval + checkpoint)
             over = float(wall_before + time.perf_counter() - t_start >= 60 * cfg.max_minutes)
             if strategy is not None:  # every rank must stop at the same step
                 over = strategy.all_reduce_mean(over)
             stop_for_time = over > 0
+    if profiler is not None:  # a window the run ended inside of
+        profiler.close()
     wall = wall_before + time.perf_counter() - t_start
     result.update(train_loss=last_loss, val_loss=val_loss, wall_s=wall, tokens=result["step"] * tokens_per_step)
     if is_main:

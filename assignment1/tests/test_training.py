@@ -217,6 +217,29 @@ def test_evaluate_is_the_mean_loss_over_every_validation_window(tmp_path):
     assert got == pytest.approx(sum(losses) / len(losses), rel=1e-6)
 
 
+def test_profile_window_writes_a_trace_and_a_summary(tmp_path, capsys):
+    cfg = _cfg(tmp_path, max_steps=16, profile_steps=3, eval_interval=1000, checkpoint_interval=0)
+    T.train(cfg)
+    rows = _rows(cfg)
+    (prof,) = [r for r in rows if "profile" in r]
+    summary = prof["profile"]
+    assert prof["step"] == T.PROFILE_AFTER + 2 and summary["steps"] == 3
+    assert summary["device_busy_ms_per_step"] is None  # CPU: no device kernels, the top CPU ops instead
+    assert summary["top"] and all(t["ms_per_step"] >= 0 for t in summary["top"])
+    step_ms = [cfg.batch_size * cfg.context_length / r["tok_s"] * 1e3 for r in rows if "tok_s" in r][5:]
+    assert min(step_ms) / 3 < summary["wall_ms_per_step"] < 10 * max(step_ms)  # the profiler slows steps a little
+    trace = json.loads(Path(summary["trace"]).read_text())
+    assert Path(summary["trace"]) == Path(cfg.out_dir) / "trace.json" and trace["traceEvents"]
+    assert "profile of steps 10-12:" in capsys.readouterr().out
+    # a run that ends inside its window closes the profiler: a later window still works
+    T.train(cfg.replace(max_steps=11, out_dir=str(tmp_path / "cut")))
+    assert not (tmp_path / "cut" / "trace.json").exists()
+    T.train(cfg.replace(out_dir=str(tmp_path / "again")))
+    assert (tmp_path / "again" / "trace.json").is_file()
+    with pytest.raises(ValueError, match="profile_steps must be >= 0"):
+        cfg.replace(profile_steps=-1)
+
+
 def test_auto_attention_backend(tmp_path, monkeypatch):
     import importlib.util
 
