@@ -52,6 +52,7 @@ PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, 
                     "4090": 165.0, "3090": 71.0}
 
 
+STOP_CHECK_EVERY = 20  # several ranks: steps between their votes on --max-minutes
 PROFILE_AFTER = 10  # --profile-steps: steps after the start before the window opens (compilation, warm-up)
 
 
@@ -407,9 +408,11 @@ def train(cfg: TrainConfig, strategy=None) -> dict:
                 + (f", device busy {busy:.2f} ms ({summary['device_busy_fraction']:.0%})" if busy is not None else "")
                 + f"; trace {summary['trace']}")
             record({"step": step, "profile": summary})
-        if cfg.max_minutes:  # over time: the next iteration is the last (eval + checkpoint)
+        # over time: the next iteration is the last (eval + checkpoint). With several ranks, every rank
+        # must stop at the same step: they agree every STOP_CHECK_EVERY steps (the vote waits for the GPU)
+        if cfg.max_minutes and (strategy is None or (step + 1) % STOP_CHECK_EVERY == 0):
             over = float(wall_before + time.perf_counter() - t_start >= 60 * cfg.max_minutes)
-            if strategy is not None:  # every rank must stop at the same step
+            if strategy is not None:
                 over = strategy.all_reduce_mean(over)
             stop_for_time = over > 0
     if profiler is not None:  # a window the run ended inside of

@@ -103,3 +103,21 @@ def test_torchrun_entry_point(tiny_cfg, single_run, tmp_path):
     ckpt = read_checkpoint(out_dir / "checkpoint.pt")
     build_model(tiny_cfg, torch.device("cpu")).load_state_dict(ckpt["model"])
     assert max((ckpt["model"][k] - v).abs().max().item() for k, v in ref_state.items()) < 1e-4
+
+
+def _train_for_time(rank: int, world_size: int, cfg) -> dict:
+    strategy = ParallelStrategy("ddp-bucketed", rank, world_size, torch.device("cpu"), bucket_size_mb=0.05,
+                                grad_clip=cfg.grad_clip)
+    return train(cfg, strategy)
+
+
+def test_ranks_stop_for_time_together_at_a_vote(tiny_cfg, tmp_path):
+    # --max-minutes with several ranks: they vote every STOP_CHECK_EVERY steps (not every step: each
+    # vote waits for the GPU), and all stop at the same step, the one after the first vote
+    from cs336_basics.train import STOP_CHECK_EVERY
+
+    cfg = tiny_cfg.replace(max_steps=1000, max_minutes=1e-6, out_dir=str(tmp_path / "timed"))
+    results = run_distributed(_train_for_time, 2, cfg, timeout_s=300)
+    assert [r["stopped"] for r in results] == ["max_minutes", "max_minutes"]
+    assert [r["step"] for r in results] == [STOP_CHECK_EVERY, STOP_CHECK_EVERY]
+    assert read_checkpoint(Path(cfg.out_dir) / "checkpoint.pt")["iteration"] == STOP_CHECK_EVERY
