@@ -327,10 +327,8 @@ def train(cfg: TrainConfig, strategy=None) -> dict:
             return None
         p_step, p_lr, p_loss, p_norm = pending
         pending = None
-        last_loss = p_loss.item()
+        last_loss = p_loss.item()  # (several ranks: already their mean)
         grad_norm = float(p_norm)  # a 0-dim tensor from clip_grad_norm; ready with the loss
-        if strategy is not None:
-            last_loss = strategy.all_reduce_mean(last_loss)
         if not math.isfinite(last_loss):
             if profiler is not None:
                 profiler.close()
@@ -400,6 +398,8 @@ def train(cfg: TrainConfig, strategy=None) -> dict:
         if (stopped := read_back()) is not None:
             return stopped
         if step % cfg.log_interval == 0 or step + 1 == cfg.max_steps:
+            if strategy is not None:  # the mean over ranks, queued behind this step like the loss itself
+                loss_sum = strategy.all_reduce_mean_tensor(loss_sum)
             pending = (step, lr, loss_sum, grad_norm)
         if profiler is not None and step == prof_first + cfg.profile_steps - 1:
             summary = profiler.stop(cfg.profile_steps)

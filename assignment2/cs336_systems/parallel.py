@@ -182,6 +182,13 @@ class ParallelStrategy:
         dist.all_reduce(t)
         return float(t.item()) / self.world_size
 
+    def all_reduce_mean_tensor(self, value: torch.Tensor) -> torch.Tensor:
+        """The mean over ranks of a 0-dim tensor, as a 0-dim float64 tensor on the device: queued
+        behind the work that produces it, nothing read back (the training loop reads it a step later)."""
+        t = value.detach().to(device=self.device, dtype=torch.float64).reshape(1)
+        dist.all_reduce(t)
+        return t[0] / self.world_size
+
 
 def make_strategy(mode: str, cfg=None, *, bucket_size_mb: float = 25.0, compute_dtype: str = "auto",
                   timeout_s: float = DEFAULT_TIMEOUT_S, backend: str | None = None) -> ParallelStrategy | None:
