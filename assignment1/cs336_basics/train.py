@@ -308,12 +308,18 @@ def train(cfg: TrainConfig, strategy=None) -> dict:
         + (f" | resumed at step {start_step}" if ckpt is not None else ""))
 
     t_start = time.perf_counter()
-    clock = {"t_last": t_start, "step_last": start_step}  # the throughput window of the next log line
+    # Throughput runs on a loop clock that stands still during evaluations and the profiler's export.
+    # A step's stamp is taken once it is queued: on a GPU, the host is then one step behind the device,
+    # so the stamps are as far apart as the steps take; on a CPU each step is done when queued.
+    clock = {"paused": 0.0, "t_last": t_start, "step_last": start_step}  # the next log line's window
+
+    def loop_clock() -> float:
+        return time.perf_counter() - clock["paused"]
     result = {"stopped": "done", "step": start_step}
     last_loss = float("nan")
     val_loss = None
     stop_for_time = False
-    pending = None  # (step, lr, loss, grad_norm) of the last step to log, its tensors not yet read
+    pending = None  # (step, lr, loss, grad_norm, stamp) of the last step to log, its tensors not yet read
     # --profile-steps: a window of steps after compilation and warm-up (rank 0)
     prof_first = start_step + PROFILE_AFTER if cfg.profile_steps and is_main else -1
     profiler = StepProfiler(device, out_dir / "trace.json") if prof_first >= 0 else None
@@ -325,7 +331,7 @@ def train(cfg: TrainConfig, strategy=None) -> dict:
         nonlocal pending, last_loss
         if pending is None:
             return None
-        p_step, p_lr, p_loss, p_norm = pending
+        p_step, p_lr, p_loss, p_norm, p_stamp = pending
         pending = None
         last_loss = p_loss.item()  # (several ranks: already their mean)
         grad_norm = float(p_norm)  # a 0-dim tensor from clip_grad_norm; ready with the loss
@@ -334,10 +340,10 @@ def train(cfg: TrainConfig, strategy=None) -> dict:
                 profiler.close()
             return _stop_nonfinite(p_step, "training", out_dir, is_main, result, metrics_file, wandb_run)
         now = time.perf_counter()
-        tok_s = (p_step + 1 - clock["step_last"]) * tokens_per_step / max(now - clock["t_last"], 1e-9)
+        tok_s = (p_step + 1 - clock["step_last"]) * tokens_per_step / max(p_stamp - clock["t_last"], 1e-9)
         mfu = tok_s * flops_step / tokens_per_step / peak if peak else None
         mem = memory_gb(device)
-        clock.update(t_last=now, step_last=p_step + 1)
+        clock.update(t_last=p_stamp, step_last=p_step + 1)
         wall = wall_before + now - t_start
         log(f"step {p_step:>6} | loss {last_loss:.4f} | lr {p_lr:.2e} | {tok_s:>9,.0f} tok/s | "
             f"mfu {'%5.1f%%' % (100 * mfu) if mfu is not None else '  n/a'} | mem {mem:.2f} GB | "
@@ -371,7 +377,7 @@ def train(cfg: TrainConfig, strategy=None) -> dict:
                 return _stop_nonfinite(step, "validation", out_dir, is_main, result, metrics_file, wandb_run)
             if last_step or (cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0 and step > start_step):
                 checkpoint(step, wall)
-            clock["t_last"] += time.perf_counter() - t_eval  # eval time does not count against throughput
+            clock["paused"] += time.perf_counter() - t_eval  # eval time does not count against throughput
         if last_step:
             result.update(step=step, stopped="max_minutes" if stop_for_time and step < cfg.max_steps else "done")
             break
@@ -395,14 +401,17 @@ def train(cfg: TrainConfig, strategy=None) -> dict:
         optimizer.zero_grad(set_to_none=True)
 
         # ---- log the previous logged step now that this one is queued, and keep this one for later
+        stamp = loop_clock()
         if (stopped := read_back()) is not None:
             return stopped
         if step % cfg.log_interval == 0 or step + 1 == cfg.max_steps:
             if strategy is not None:  # the mean over ranks, queued behind this step like the loss itself
                 loss_sum = strategy.all_reduce_mean_tensor(loss_sum)
-            pending = (step, lr, loss_sum, grad_norm)
+            pending = (step, lr, loss_sum, grad_norm, stamp)
         if profiler is not None and step == prof_first + cfg.profile_steps - 1:
+            t_stop = time.perf_counter()
             summary = profiler.stop(cfg.profile_steps)
+            clock["paused"] += time.perf_counter() - t_stop  # (the wait for the device, the trace export)
             busy = summary["device_busy_ms_per_step"]
             log(f"profile of steps {prof_first}-{step}: {summary['wall_ms_per_step']:.2f} ms/step"
                 + (f", device busy {busy:.2f} ms ({summary['device_busy_fraction']:.0%})" if busy is not None else "")

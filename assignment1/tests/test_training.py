@@ -240,6 +240,17 @@ def test_profile_window_writes_a_trace_and_a_summary(tmp_path, capsys):
         cfg.replace(profile_steps=-1)
 
 
+def test_logged_throughput_is_steady_across_evaluations_and_a_profile(tmp_path):
+    # one step per window of the loop clock: no spike where an evaluation reads the pending step early,
+    # no dip for the eval itself or the profiler's export
+    cfg = _cfg(tmp_path, max_steps=24, eval_interval=3, profile_steps=2, checkpoint_interval=0)
+    T.train(cfg)
+    tok_s = [r["tok_s"] for r in _rows(cfg) if "tok_s" in r][2:]
+    median = sorted(tok_s)[len(tok_s) // 2]
+    assert all(t < 10 * median for t in tok_s), (median, tok_s)  # the old read-back spiked ~100x per eval
+    assert sum(t < median / 3 for t in tok_s) <= 1, (median, tok_s)  # (one slow step of a busy machine is allowed)
+
+
 def test_auto_attention_backend(tmp_path, monkeypatch):
     import importlib.util
 
