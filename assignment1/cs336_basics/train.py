@@ -1,11 +1,13 @@
 """Pretrain the Transformer LM: a flat loop over token files, resumable, wall-clock limited.
 
 Order of one step: lr → eval/checkpoint → micro-batches fwd/bwd → clip → optimizer step →
-zero_grad → log of the step before. A logged step's loss is read back (``.item()``) only once the
-next step is queued on the GPU, so the host's work between steps (the batch, the log line) never
-leaves the GPU idle; evaluation and checkpoints read the pending loss first, so a non-finite loss
-still stops the run before any checkpoint is written after it. ``for step in range(start, max_steps + 1)`` with ``last_step`` so the final
-evaluation and checkpoint always happen.
+zero_grad → log of the step before. ``for step in range(start, max_steps + 1)`` with ``last_step``
+so the final evaluation and checkpoint always happen.
+
+A logged step's loss is read back (``.item()``) only once the next step is queued on the GPU, so
+the host's work between steps (the batch, the log line) never leaves the GPU idle. Evaluations and
+checkpoints read the pending loss first, so a non-finite loss still stops the run before any
+checkpoint is written after it.
 
     cs336-basics train --preset tinystories-17m --train-data train.bin --val-data valid.bin --compile
     cs336-basics train --resume auto --out-dir runs/lm ...          # continue exactly where it stopped
@@ -315,6 +317,7 @@ def train(cfg: TrainConfig, strategy=None) -> dict:
 
     def loop_clock() -> float:
         return time.perf_counter() - clock["paused"]
+
     result = {"stopped": "done", "step": start_step}
     last_loss = float("nan")
     val_loss = None
