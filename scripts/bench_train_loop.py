@@ -69,8 +69,9 @@ def run_one(tree: Path, extra: list[str], data: tuple[str, str], out_dir: Path, 
     median = statistics.median(tok_s)
     preset = PRESETS[args.preset]
     profile = next((r["profile"] for r in rows if "profile" in r), {})
-    return {"device_busy_ms": profile.get("device_busy_ms_per_step"), "tok_s_median": round(median), "step_ms": round(1e3 * preset.batch_size * preset.context_length / median, 2),
-            "tok_s_p10": round(float(np.percentile(tok_s, 10))), "logged_steps": len(tok_s), "attention": attention}
+    return {"tok_s_median": round(median), "step_ms": round(1e3 * preset.batch_size * preset.context_length / median, 2),
+            "tok_s_p10": round(float(np.percentile(tok_s, 10))), "logged_steps": len(tok_s), "attention": attention,
+            "device_busy_ms": profile.get("device_busy_ms_per_step")}
 
 
 def main() -> None:

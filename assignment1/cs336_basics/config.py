@@ -37,7 +37,7 @@ class TrainConfig:
     use_rope: bool = _f(True, "ablation: False = no positional information (NoPE)")
     tie_embeddings: bool = _f(False, "share the input embedding and the LM head")
     attn_backend: str = _f("auto", "attention kernel: 'math' (ours), 'sdpa' (PyTorch), 'flash' (cs336_systems), "
-                                   "'auto' ('flash' on CUDA when cs336_systems is installed, else 'sdpa')",
+                                   "'auto' ('flash' on CUDA compute capability >= 8.0 when cs336_systems is installed, else 'sdpa')",
                            choices=("auto", "math", "sdpa", "flash"))
     model_impl: str = _f("cs336", "'cs336' (ours) or 'hf-llama' (transformers' Llama of the same shape, "
                                   "initialized with our weights: the benchmark baseline)", choices=("cs336", "hf-llama"))

@@ -339,9 +339,7 @@ def train(cfg: TrainConfig, strategy=None) -> dict:
         last_loss = p_loss.item()  # (several ranks: already their mean)
         grad_norm = float(p_norm)  # a 0-dim tensor from clip_grad_norm; ready with the loss
         if not math.isfinite(last_loss):
-            if profiler is not None:
-                profiler.close()
-            return _stop_nonfinite(p_step, "training", out_dir, is_main, result, metrics_file, wandb_run)
+            return _stop_nonfinite(p_step, "training", out_dir, is_main, result, metrics_file, wandb_run, profiler)
         now = time.perf_counter()
         tok_s = (p_step + 1 - clock["step_last"]) * tokens_per_step / max(p_stamp - clock["t_last"], 1e-9)
         mfu = tok_s * flops_step / tokens_per_step / peak if peak else None
@@ -375,9 +373,8 @@ def train(cfg: TrainConfig, strategy=None) -> dict:
             log(f"step {step:>6} | val_loss {val_loss:.4f} | eval {time.perf_counter() - t_eval:.1f}s")
             record({"step": step, "val_loss": val_loss, "wall_s": round(wall, 3), "tokens": step * tokens_per_step})
             if not math.isfinite(val_loss):
-                if profiler is not None:
-                    profiler.close()
-                return _stop_nonfinite(step, "validation", out_dir, is_main, result, metrics_file, wandb_run)
+                return _stop_nonfinite(step, "validation", out_dir, is_main, result, metrics_file, wandb_run,
+                                       profiler)
             if last_step or (cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0 and step > start_step):
                 checkpoint(step, wall)
             clock["paused"] += time.perf_counter() - t_eval  # eval time does not count against throughput
@@ -439,8 +436,11 @@ def train(cfg: TrainConfig, strategy=None) -> dict:
     return result
 
 
-def _stop_nonfinite(step, which, out_dir, is_main, result, metrics_file, wandb_run) -> dict:
-    """Stop without writing a checkpoint, so the last good one stays the newest."""
+def _stop_nonfinite(step, which, out_dir, is_main, result, metrics_file, wandb_run, profiler) -> dict:
+    """Stop without writing a checkpoint, so the last good one stays the newest; close what the run
+    holds open (metrics file, wandb, a profile window)."""
+    if profiler is not None:
+        profiler.close()
     ckpt = out_dir / "checkpoint.pt"
     last = f"{ckpt} (step {read_checkpoint(ckpt)['iteration']})" if ckpt.exists() else "none written yet"
     msg = f"non-finite {which} loss at step {step}: stopping; last good checkpoint: {last}"
