@@ -29,8 +29,18 @@ def dispatch(prog: str, commands: dict[str, tuple[str, str]], argv: list[str] | 
             print(f"\nerror: unknown command {argv[0]!r}", file=sys.stderr)
             return 2
         return 0
+    line_buffered_stdout()
     module = importlib.import_module(commands[argv[0]][0])
     return int(module.cli_main(argv[1:]) or 0)
+
+
+def line_buffered_stdout() -> None:
+    """Write stdout a line at a time also into a pipe or file (``| tee run.log``, a batch job's log),
+    where Python would otherwise hold a long run's log lines in 8 KB blocks. (A notebook's stdout
+    has no ``reconfigure`` and needs none.)"""
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:
+        reconfigure(line_buffering=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,11 @@ the host's work between steps (the batch, the log line) never leaves the GPU idl
 checkpoints read the pending loss first, so a non-finite loss still stops the run before any
 checkpoint is written after it.
 
+Ctrl-C (SIGINT) or SIGTERM (a scheduler's preemption) ends the run as ``--max-minutes`` does: the
+step in progress finishes, then an evaluation and a checkpoint (`stop_signals`; a second signal
+stops at once). The exit status is 128 + the signal's number (130, 143), so a job script can tell
+an interrupted run, to resume, from a finished one (0).
+
     cs336-basics train --preset tinystories-17m --train-data train.bin --val-data valid.bin --compile
     cs336-basics train --resume auto --out-dir runs/lm ...          # continue exactly where it stopped
 
@@ -27,8 +32,8 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import resource
+import signal
 import subprocess
 import sys
 import time
@@ -48,6 +53,7 @@ from cs336_basics.model import TransformerLM
 from cs336_basics.nn_utils import clip_grad_norm
 from cs336_basics.optimizer import AdamW, cosine_lr
 from cs336_basics.profiling import StepProfiler
+from cs336_basics.stop_signals import StopSignals
 
 # Dense bf16 peak (TFLOP/s) by GPU name; fp32 runs use TF32 peaks (half). Unknown GPUs: no MFU.
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0,
@@ -195,7 +201,14 @@ def _resume_path(cfg: TrainConfig, out_dir: Path) -> Path | None:
 
 
 def train(cfg: TrainConfig, strategy=None) -> dict:
-    """Run training as configured; returns the final metrics (``stopped`` says why it ended)."""
+    """Run training as configured; returns the final metrics. ``stopped`` says why it ended: "done",
+    "max_minutes", "interrupted" (a SIGINT or SIGTERM, named by ``signal``; `stop_signals`: the
+    run finished its step, evaluated and wrote a checkpoint) or "non-finite loss"."""
+    with StopSignals(announce=strategy is None or strategy.rank == 0) as stop:
+        return _train(cfg, strategy, stop)
+
+
+def _train(cfg: TrainConfig, strategy, stop: StopSignals) -> dict:
     rank, world = (strategy.rank, strategy.world_size) if strategy is not None else (0, 1)
     is_main = rank == 0
     device = getattr(strategy, "device", None) or pick_device(cfg.device)
@@ -321,7 +334,7 @@ def train(cfg: TrainConfig, strategy=None) -> dict:
     result = {"stopped": "done", "step": start_step}
     last_loss = float("nan")
     val_loss = None
-    stop_for_time = False
+    stop_for = None  # "max_minutes" / "interrupted": the next iteration is the last (eval + checkpoint)
     pending = None  # (step, lr, loss, grad_norm, stamp) of the last step to log, its tensors not yet read
     # --profile-steps: a window of steps after compilation and warm-up (rank 0)
     prof_first = start_step + PROFILE_AFTER if cfg.profile_steps and is_main else -1
@@ -355,7 +368,7 @@ def train(cfg: TrainConfig, strategy=None) -> dict:
         return None
 
     for step in range(start_step, cfg.max_steps + 1):
-        last_step = step == cfg.max_steps or stop_for_time
+        last_step = step == cfg.max_steps or stop_for is not None
         lr = cosine_lr(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.cosine_steps or cfg.max_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -379,7 +392,9 @@ def train(cfg: TrainConfig, strategy=None) -> dict:
                 checkpoint(step, wall)
             clock["paused"] += time.perf_counter() - t_eval  # eval time does not count against throughput
         if last_step:
-            result.update(step=step, stopped="max_minutes" if stop_for_time and step < cfg.max_steps else "done")
+            result.update(step=step, stopped=stop_for if stop_for and step < cfg.max_steps else "done")
+            if result["stopped"] == "interrupted":  # (None on a rank that stopped for another's signal)
+                result["signal"] = stop.received.name if stop.received is not None else None
             break
 
         # ---- one optimizer step over grad_accum_steps micro-batches
@@ -417,13 +432,17 @@ def train(cfg: TrainConfig, strategy=None) -> dict:
                 + (f", device busy {busy:.2f} ms ({summary['device_busy_fraction']:.0%})" if busy is not None else "")
                 + f"; trace {summary['trace']}")
             record({"step": step, "profile": summary})
-        # over time: the next iteration is the last (eval + checkpoint). With several ranks, every rank
-        # must stop at the same step: they agree every STOP_CHECK_EVERY steps (the vote waits for the GPU)
-        if cfg.max_minutes and (strategy is None or (step + 1) % STOP_CHECK_EVERY == 0):
-            over = float(wall_before + time.perf_counter() - t_start >= 60 * cfg.max_minutes)
+        # over time or a signal: the next iteration is the last (eval + checkpoint). With several ranks,
+        # every rank must stop at the same step: they agree every STOP_CHECK_EVERY steps (a vote waits
+        # for the GPU), stopping if any rank asks to
+        if strategy is None or (step + 1) % STOP_CHECK_EVERY == 0:
+            votes = [float(stop.received is not None),
+                     float(bool(cfg.max_minutes) and wall_before + time.perf_counter() - t_start >= 60 * cfg.max_minutes)]
             if strategy is not None:
-                over = strategy.all_reduce_mean(over)
-            stop_for_time = over > 0
+                votes = [strategy.all_reduce_mean(v) for v in votes]
+            stop_for = "interrupted" if votes[0] > 0 else "max_minutes" if votes[1] > 0 else None
+            if stop_for == "interrupted":
+                log(f"step {step:>6} | interrupted: evaluating and writing a checkpoint (resume with --resume auto)")
     if profiler is not None:  # a window the run ended inside of
         profiler.close()
     wall = wall_before + time.perf_counter() - t_start
@@ -462,9 +481,22 @@ def cli_main(argv: list[str] | None = None) -> int:
     except (TrainingStopped, CheckpointError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0 if result["stopped"] in ("done", "max_minutes") else 1
+    return exit_status(result)
+
+
+def exit_status(result: dict) -> int:
+    """The process's exit status for `train`'s result: 0 when done or out of time; 128 + the
+    signal's number when interrupted (the shell's convention: 130 for Ctrl-C, 143 for SIGTERM), so
+    a job script can tell a run to resume from a finished one; else 1."""
+    if result["stopped"] in ("done", "max_minutes"):
+        return 0
+    if result["stopped"] == "interrupted" and result.get("signal"):
+        return 128 + signal.Signals[result["signal"]].value
+    return 1
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    from cs336_basics.cli import line_buffered_stdout
+
+    line_buffered_stdout()
     sys.exit(cli_main())

@@ -2,6 +2,8 @@
 
 import dataclasses
 import json
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +76,37 @@ def test_resumed_run_gives_exactly_the_same_losses(tmp_path, monkeypatch):
     a, b = read_checkpoint(Path(full.out_dir) / "checkpoint.pt"), read_checkpoint(Path(cut.out_dir) / "checkpoint.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert (Path(cut.out_dir) / "loss_curve.png").stat().st_size > 1000
+
+
+def test_sigint_stops_with_eval_and_checkpoint_and_resumes_exactly(tmp_path, monkeypatch, capsys):
+    # Ctrl-C during step 6: that step finishes, step 7 evaluates and checkpoints, the run returns;
+    # resumed, it gives the uninterrupted run's losses and weights exactly
+    full = _cfg(tmp_path, out_dir=str(tmp_path / "full"))
+    T.train(full)
+    cut = full.replace(out_dir=str(tmp_path / "cut"))
+    calls = {"n": 0}
+    real_get_batch = T.get_batch
+
+    def interrupting_get_batch(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 7:  # step 6's batch: a real signal, handled at the next bytecode
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_get_batch(*a, **k)
+
+    monkeypatch.setattr(T, "get_batch", interrupting_get_batch)
+    result = T.train(cut)
+    assert (result["stopped"], result["signal"], result["step"]) == ("interrupted", "SIGINT", 7)
+    assert calls["n"] == 7  # no batch drawn after the signal's step
+    assert read_checkpoint(Path(cut.out_dir) / "checkpoint.pt")["iteration"] == 7
+    assert _rows(cut)[-1]["step"] == 7 and _rows(cut)[-1]["val_loss"] > 0
+    assert "SIGINT received" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back when train returned
+    monkeypatch.setattr(T, "get_batch", real_get_batch)
+    assert T.train(cut.replace(resume="auto"))["stopped"] == "done"
+    losses = lambda cfg: [(r["step"], r["loss"]) for r in _rows(cfg) if "loss" in r]
+    assert losses(cut) == losses(full)
+    a, b = read_checkpoint(Path(full.out_dir) / "checkpoint.pt"), read_checkpoint(Path(cut.out_dir) / "checkpoint.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
 def test_nonfinite_loss_stops_cleanly_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):

@@ -207,7 +207,7 @@ def make_strategy(mode: str, cfg=None, *, bucket_size_mb: float = 25.0, compute_
 def cli_main(argv: list[str] | None = None) -> int:
     from cs336_basics.checkpoint import CheckpointError
     from cs336_basics.config import add_config_args, config_from_cli
-    from cs336_basics.train import TrainingStopped, train
+    from cs336_basics.train import TrainingStopped, exit_status, train
 
     parser = argparse.ArgumentParser(prog="cs336-systems train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--parallel", choices=MODES, default="ddp-bucketed", help="data-parallel implementation")
@@ -236,7 +236,7 @@ def cli_main(argv: list[str] | None = None) -> int:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    return 0 if result["stopped"] in ("done", "max_minutes") else 1
+    return exit_status(result)
 
 
 if __name__ == "__main__":

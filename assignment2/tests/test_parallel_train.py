@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -120,4 +121,34 @@ def test_ranks_stop_for_time_together_at_a_vote(tiny_cfg, tmp_path):
     results = run_distributed(_train_for_time, 2, cfg, timeout_s=300)
     assert [r["stopped"] for r in results] == ["max_minutes", "max_minutes"]
     assert [r["step"] for r in results] == [STOP_CHECK_EVERY, STOP_CHECK_EVERY]
+    assert read_checkpoint(Path(cfg.out_dir) / "checkpoint.pt")["iteration"] == STOP_CHECK_EVERY
+
+
+def _train_with_rank1_interrupted(rank: int, world_size: int, cfg) -> dict:
+    import cs336_basics.train as T
+
+    real_get_batch, calls = T.get_batch, {"n": 0}
+
+    def get_batch(*a, **k):  # rank 1 alone gets a SIGINT during its step 3
+        calls["n"] += 1
+        if rank == 1 and calls["n"] == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_get_batch(*a, **k)
+
+    T.get_batch = get_batch
+    result = _train_for_time(rank, world_size, cfg)
+    return {**result, "batches": calls["n"]}
+
+
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_vote(tiny_cfg, tmp_path):
+    # Ctrl-C / SIGTERM reaching one rank only: the ranks learn of it at their next vote and all stop
+    # there together (evaluation + checkpoint), not at the step the signal came, which would hang
+    # the other ranks in their next collective
+    from cs336_basics.train import STOP_CHECK_EVERY
+
+    cfg = tiny_cfg.replace(max_steps=1000, out_dir=str(tmp_path / "interrupted"))
+    results = run_distributed(_train_with_rank1_interrupted, 2, cfg, timeout_s=300)
+    assert [(r["stopped"], r["signal"]) for r in results] == [("interrupted", None), ("interrupted", "SIGINT")]
+    assert [r["step"] for r in results] == [STOP_CHECK_EVERY, STOP_CHECK_EVERY]
+    assert [r["batches"] for r in results] == [STOP_CHECK_EVERY, STOP_CHECK_EVERY]
     assert read_checkpoint(Path(cfg.out_dir) / "checkpoint.pt")["iteration"] == STOP_CHECK_EVERY
