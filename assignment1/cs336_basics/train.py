@@ -62,6 +62,7 @@ PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, 
 
 STOP_CHECK_EVERY = 20  # several ranks: steps between their votes on --max-minutes
 PROFILE_AFTER = 10  # --profile-steps: steps after the start before the window opens (compilation, warm-up)
+ETA_SMOOTHING = 0.9  # weight of the earlier steps/s in each log line's new average (evaluations not counted)
 
 
 class TrainingStopped(RuntimeError):
@@ -142,6 +143,16 @@ def memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux: peak RSS
+
+
+def duration(seconds: float) -> str:
+    """A short human duration: 45s, 12m05s, 3h07m."""
+    s = round(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 def git_sha() -> str:
@@ -326,7 +337,9 @@ def _train(cfg: TrainConfig, strategy, stop: StopSignals) -> dict:
     # Throughput runs on a loop clock that stands still during evaluations and the profiler's export.
     # A step's stamp is taken once it is queued: on a GPU, the host is then one step behind the device,
     # so the stamps are as far apart as the steps take; on a CPU each step is done when queued.
-    clock = {"paused": 0.0, "t_last": t_start, "step_last": start_step}  # the next log line's window
+    # the next log line's window, and the smoothed steps/s of the ETA (none for the first window: it
+    # holds the compilation)
+    clock = {"paused": 0.0, "t_last": t_start, "step_last": start_step, "steps_per_s": None}
 
     def loop_clock() -> float:
         return time.perf_counter() - clock["paused"]
@@ -357,14 +370,23 @@ def _train(cfg: TrainConfig, strategy, stop: StopSignals) -> dict:
         tok_s = (p_step + 1 - clock["step_last"]) * tokens_per_step / max(p_stamp - clock["t_last"], 1e-9)
         mfu = tok_s * flops_step / tokens_per_step / peak if peak else None
         mem = memory_gb(device)
-        clock.update(t_last=p_stamp, step_last=p_step + 1)
         wall = wall_before + now - t_start
+        eta = None
+        if clock["step_last"] > start_step:  # ETA: the steps left at an exponential average of steps/s
+            rate = tok_s / tokens_per_step
+            if clock["steps_per_s"] is not None:
+                rate = ETA_SMOOTHING * clock["steps_per_s"] + (1 - ETA_SMOOTHING) * rate
+            clock["steps_per_s"] = rate
+            eta = (cfg.max_steps - p_step - 1) / rate
+            if cfg.max_minutes:
+                eta = max(0.0, min(eta, 60 * cfg.max_minutes - wall))
+        clock.update(t_last=p_stamp, step_last=p_step + 1)
         log(f"step {p_step:>6} | loss {last_loss:.4f} | lr {p_lr:.2e} | {tok_s:>9,.0f} tok/s | "
             f"mfu {'%5.1f%%' % (100 * mfu) if mfu is not None else '  n/a'} | mem {mem:.2f} GB | "
-            f"norm {grad_norm:.2f} | {wall:.1f}s")
+            f"norm {grad_norm:.2f} | {wall:.1f}s | eta {'?' if eta is None else duration(eta)}")
         record({"step": p_step, "loss": last_loss, "lr": p_lr, "tok_s": round(tok_s, 1),
                 "mfu": None if mfu is None else round(mfu, 4), "mem_gb": round(mem, 3),
-                "grad_norm": grad_norm, "wall_s": round(wall, 3)})
+                "grad_norm": grad_norm, "wall_s": round(wall, 3), "eta_s": None if eta is None else round(eta, 1)})
         return None
 
     for step in range(start_step, cfg.max_steps + 1):

@@ -194,6 +194,26 @@ def test_max_minutes_stops_with_eval_and_checkpoint(tmp_path):
     assert _rows(cfg)[-1]["val_loss"] > 0
 
 
+def test_eta_is_the_steps_left_at_the_averaged_logged_rate(tmp_path):
+    cfg = _cfg(tmp_path, max_steps=30, eval_interval=7, checkpoint_interval=0)
+    T.train(cfg)
+    rows = [r for r in _rows(cfg) if "loss" in r]
+    assert rows[0]["eta_s"] is None  # the first window holds the start-up
+    rate = None
+    for r in rows[1:]:  # replayed from the logged tokens/s (rounded there, hence the tolerance)
+        steps_per_s = r["tok_s"] / (cfg.batch_size * cfg.context_length)
+        rate = steps_per_s if rate is None else T.ETA_SMOOTHING * rate + (1 - T.ETA_SMOOTHING) * steps_per_s
+        assert r["eta_s"] == pytest.approx((cfg.max_steps - r["step"] - 1) / rate, rel=1e-3, abs=0.05)
+    assert rows[-1]["eta_s"] == 0
+    capped = _cfg(tmp_path, max_steps=100_000, max_minutes=0.05, eval_interval=1000, checkpoint_interval=0,
+                  out_dir=str(tmp_path / "capped"))
+    T.train(capped)
+    etas = [(r["wall_s"], r["eta_s"]) for r in _rows(capped) if r.get("eta_s") is not None]
+    assert len(etas) > 3 and all(eta <= 3.0 - wall + 0.06 for wall, eta in etas)  # time left (rounded), not 100k steps
+    assert [T.duration(s) for s in (4.4, 59.6, 65, 3599, 3600, 11_220)] == ["4s", "1m00s", "1m05s", "59m59s",
+                                                                            "1h00m", "3h07m"]
+
+
 def test_token_ids_beyond_vocab_rejected_before_writing(tmp_path):
     bad = _tokens(tmp_path / "bad.bin", [1, 2, 3] * 20 + [40])
     cfg = _cfg(tmp_path, train_data=bad)
@@ -322,7 +342,8 @@ def test_cli_tiny_run_writes_everything(tmp_path, capsys):
     assert {"checkpoint.pt", "metrics.jsonl", "config.json", "loss_curve.png"} <= {p.name for p in out.iterdir()}
     assert json.loads((out / "config.json").read_text())["use_rope"] is False
     lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("step") and "| loss " in x]
-    assert len(lines) == 6 and all(" | lr " in x and "tok/s" in x and "mfu" in x and "mem" in x for x in lines)
+    assert len(lines) == 6 and all(" | lr " in x and "tok/s" in x and "mfu" in x and "mem" in x and "| eta " in x
+                                   for x in lines)
     assert T.cli_main(["--preset", "tiny", "--train-data", tr, "--val-data", va, "--out-dir", str(out)]) == 2
     with pytest.raises(SystemExit):
         T.cli_main(["--preset", "tiny", "--train-data", tr, "--val-data", va, "--num-heads", "5"])
