@@ -22,11 +22,13 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+from cs336_basics.train import exit_status
 
 from cs336_alignment import losses
 from cs336_alignment.models import Policy
 from cs336_alignment.sft_data import instruction_pair_batch, read_jsonl
 from cs336_alignment.train_utils import (
+    EarlyStop,
     RunLog,
     autocast,
     default_precision,
@@ -59,6 +61,8 @@ class DPOConfig:
     optimizer: Literal["rmsprop", "adamw"] = field("rmsprop", "rmsprop (the supplement's) | adamw")
     learning_rate: float = field(1e-6, "learning rate (constant)")
     epochs: int = field(1, "passes over the training pairs")
+    max_minutes: float = field(0.0, "wall-clock budget: past it, the next step is the last "
+                               "(final evaluation + checkpoint; --resume continues) (0 = none)")
     batch_size: int = field(64, "pairs per optimizer step")
     gradient_accumulation_steps: int = field(64, "micro-batches per optimizer step")
     max_grad_norm: float = field(0.0, "gradient clipping (<= 0: off)")
@@ -151,41 +155,43 @@ def train_dpo(cfg: DPOConfig, policy: Policy | None = None, ref: Policy | None =
     micro = max(1, cfg.batch_size // cfg.gradient_accumulation_steps)
     final: dict[str, Any] = {}
 
-    for step in range(start, total_steps + 1):
-        last = step == total_steps
-        if val and (step == start or last or (cfg.eval_every > 0 and step % cfg.eval_every == 0)):
-            metrics = validate(policy, val, ref_val, cfg, device, precision)
-            log.log("eval", step, **metrics)
-            final.update({f"val_{k}": v for k, v in metrics.items()})
-        if step > start and (last or (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0)):
-            save_checkpoint(cfg.out_dir, step, policy, optimizer, cfg)
-        if last:
-            break
+    with EarlyStop(cfg.max_minutes) as early:
+        for step in range(start, total_steps + 1):
+            last = step == total_steps or (step > start and early.now())
+            if val and (step == start or last or (cfg.eval_every > 0 and step % cfg.eval_every == 0)):
+                metrics = validate(policy, val, ref_val, cfg, device, precision)
+                log.log("eval", step, **metrics)
+                final.update({f"val_{k}": v for k, v in metrics.items()})
+            if step > start and (last or (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0)):
+                save_checkpoint(cfg.out_dir, step, policy, optimizer, cfg)
+            if last:
+                break
 
-        epoch, index = divmod(step, steps_per_epoch)
-        order = list(range(len(train)))
-        random.Random(cfg.seed * 1_000_003 + epoch).shuffle(order)
-        rows = order[index * cfg.batch_size : (index + 1) * cfg.batch_size]
-        t0 = time.perf_counter()
-        policy.model.train()
-        sums = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0}
-        for s in range(0, len(rows), micro):
-            idx = rows[s:s + micro]
-            chosen, rejected = pair_log_probs(policy.model, tok, [train[i] for i in idx], cfg.max_seq_len, device, precision)
-            ref_c, ref_r = ref_train[idx, 0].to(device), ref_train[idx, 1].to(device)
-            pair_loss = losses.dpo_loss(chosen.float(), rejected.float(), ref_c, ref_r, cfg.beta)
-            (pair_loss.sum() / len(rows)).backward()  # mean over the optimizer batch's pairs
-            margin = ((chosen.detach() - ref_c) - (rejected.detach() - ref_r)) * cfg.beta
-            sums["loss"] += float(pair_loss.detach().sum())
-            sums["accuracy"] += float((margin > 0).float().sum())
-            sums["margin"] += float(margin.sum())
-        grad_norm = grad_norm_and_clip(policy.model, cfg.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        record = {k: v / len(rows) for k, v in sums.items()}
-        record.update(grad_norm=grad_norm, epoch=epoch, step_s=time.perf_counter() - t0)
-        log.log("train", step + 1, **record)
-        final.update(record)
+            epoch, index = divmod(step, steps_per_epoch)
+            order = list(range(len(train)))
+            random.Random(cfg.seed * 1_000_003 + epoch).shuffle(order)
+            rows = order[index * cfg.batch_size : (index + 1) * cfg.batch_size]
+            t0 = time.perf_counter()
+            policy.model.train()
+            sums = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0}
+            for s in range(0, len(rows), micro):
+                idx = rows[s:s + micro]
+                chosen, rejected = pair_log_probs(policy.model, tok, [train[i] for i in idx], cfg.max_seq_len, device, precision)
+                ref_c, ref_r = ref_train[idx, 0].to(device), ref_train[idx, 1].to(device)
+                pair_loss = losses.dpo_loss(chosen.float(), rejected.float(), ref_c, ref_r, cfg.beta)
+                (pair_loss.sum() / len(rows)).backward()  # mean over the optimizer batch's pairs
+                margin = ((chosen.detach() - ref_c) - (rejected.detach() - ref_r)) * cfg.beta
+                sums["loss"] += float(pair_loss.detach().sum())
+                sums["accuracy"] += float((margin > 0).float().sum())
+                sums["margin"] += float(margin.sum())
+            grad_norm = grad_norm_and_clip(policy.model, cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            record = {k: v / len(rows) for k, v in sums.items()}
+            record.update(grad_norm=grad_norm, epoch=epoch, step_s=time.perf_counter() - t0)
+            log.log("train", step + 1, **record)
+            final.update(record)
+    final.update(early.result())
 
     plot_log(log.path, log.out_dir / "curves.png", {
         "DPO loss (train)": ("train", "loss"), "implicit-reward accuracy (train)": ("train", "accuracy"),
@@ -210,4 +216,4 @@ def cli_main(argv: list[str] | None = None) -> int:
     cfg = parse_config(DPOConfig, argv, "Direct preference optimization on preference pairs.")
     final = train_dpo(cfg)
     print_summary(final, cfg)
-    return 0
+    return exit_status(final)  # 130 / 143 after Ctrl-C / SIGTERM: resumable

@@ -18,11 +18,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from cs336_basics.train import exit_status
 
 from cs336_alignment.models import Policy
 from cs336_alignment.sft import sft_step
 from cs336_alignment.sft_data import pack_prompt_and_output_ids, pad_id_of, qa_examples
 from cs336_alignment.train_utils import (
+    EarlyStop,
     Evaluator,
     RunLog,
     build_prompts,
@@ -132,64 +134,64 @@ def train_expert_iteration(
     start = load_trainer_state(ckpt, optimizer)["step"] if ckpt is not None else 0
     log = RunLog(cfg.out_dir, cfg, resume=ckpt is not None, quiet=quiet)
     final: dict[str, Any] = {}
-    t_start = time.perf_counter()
 
-    for step in range(start, cfg.n_ei_steps + 1):
-        out_of_time = cfg.max_minutes > 0 and time.perf_counter() - t_start > 60 * cfg.max_minutes
-        last = step == cfg.n_ei_steps or (out_of_time and step > start)
-        if evaluator.prompts and (step == start or last or (cfg.eval_every > 0 and step % cfg.eval_every == 0)):
-            final.update(evaluator.run(policy, log, step))
-        if step > start and (last or (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0)):
-            save_checkpoint(cfg.out_dir, step, policy, optimizer, cfg)
-        if last:
-            break
+    with EarlyStop(cfg.max_minutes) as early:
+        for step in range(start, cfg.n_ei_steps + 1):
+            last = step == cfg.n_ei_steps or (step > start and early.now())
+            if evaluator.prompts and (step == start or last or (cfg.eval_every > 0 and step % cfg.eval_every == 0)):
+                final.update(evaluator.run(policy, log, step))
+            if step > start and (last or (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0)):
+                save_checkpoint(cfg.out_dir, step, policy, optimizer, cfg)
+            if last:
+                break
 
-        # ---- sample G responses per question, keep the correct ones
-        t0 = time.perf_counter()
-        engine.load_weights(policy.model)
-        rng = random.Random(cfg.seed * 1_000_003 + step)
-        picked = rng.sample(range(len(train_examples)), min(cfg.questions_per_step, len(train_examples)))
-        prompt_ids = prompt_token_ids(tokenizer, [train_prompts[i] for i in picked])
-        params = SamplingParams(temperature=cfg.sampling_temperature, max_new_tokens=cfg.sampling_max_tokens,
-                                min_new_tokens=cfg.sampling_min_tokens, stop=cfg.stop, n=cfg.rollouts_per_question,
-                                seed=cfg.seed * 1_000_003 + step)
-        outs = engine.generate(prompt_ids, params)
-        t1 = time.perf_counter()
-        kept_prompts, kept_outputs, lengths, questions_solved = [], [], [], 0
-        for i, ids, group in zip(picked, prompt_ids, outs):
-            correct = [c for c in group if reward_fn(c.text, train_examples[i]["answer"])["reward"] == 1.0]
-            kept_prompts += [ids] * len(correct)
-            kept_outputs += [c.token_ids for c in correct]
-            questions_solved += bool(correct)
-            lengths += [len(c.token_ids) for c in group]
-        t2 = time.perf_counter()
+            # ---- sample G responses per question, keep the correct ones
+            t0 = time.perf_counter()
+            engine.load_weights(policy.model)
+            rng = random.Random(cfg.seed * 1_000_003 + step)
+            picked = rng.sample(range(len(train_examples)), min(cfg.questions_per_step, len(train_examples)))
+            prompt_ids = prompt_token_ids(tokenizer, [train_prompts[i] for i in picked])
+            params = SamplingParams(temperature=cfg.sampling_temperature, max_new_tokens=cfg.sampling_max_tokens,
+                                    min_new_tokens=cfg.sampling_min_tokens, stop=cfg.stop, n=cfg.rollouts_per_question,
+                                    seed=cfg.seed * 1_000_003 + step)
+            outs = engine.generate(prompt_ids, params)
+            t1 = time.perf_counter()
+            kept_prompts, kept_outputs, lengths, questions_solved = [], [], [], 0
+            for i, ids, group in zip(picked, prompt_ids, outs):
+                correct = [c for c in group if reward_fn(c.text, train_examples[i]["answer"])["reward"] == 1.0]
+                kept_prompts += [ids] * len(correct)
+                kept_outputs += [c.token_ids for c in correct]
+                questions_solved += bool(correct)
+                lengths += [len(c.token_ids) for c in group]
+            t2 = time.perf_counter()
 
-        # ---- SFT on the kept responses (their sampled token ids)
-        sums, n_opt = {"loss": 0.0, "entropy": 0.0, "grad_norm": 0.0}, 0
-        for epoch in range(cfg.sft_epochs if kept_outputs else 0):
-            order = torch.randperm(len(kept_outputs), generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 97 + epoch))
-            for rows in order.split(cfg.batch_size):
-                batch = pack_prompt_and_output_ids([kept_prompts[r] for r in rows], [kept_outputs[r] for r in rows], pad_id)
-                metrics = sft_step(policy, optimizer, batch, min(cfg.gradient_accumulation_steps, len(rows)),
-                                   cfg.max_grad_norm, device, precision)
-                for k in sums:
-                    sums[k] += metrics[k]
-                n_opt += 1
-        t3 = time.perf_counter()
+            # ---- SFT on the kept responses (their sampled token ids)
+            sums, n_opt = {"loss": 0.0, "entropy": 0.0, "grad_norm": 0.0}, 0
+            for epoch in range(cfg.sft_epochs if kept_outputs else 0):
+                order = torch.randperm(len(kept_outputs), generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 97 + epoch))
+                for rows in order.split(cfg.batch_size):
+                    batch = pack_prompt_and_output_ids([kept_prompts[r] for r in rows], [kept_outputs[r] for r in rows], pad_id)
+                    metrics = sft_step(policy, optimizer, batch, min(cfg.gradient_accumulation_steps, len(rows)),
+                                       cfg.max_grad_norm, device, precision)
+                    for k in sums:
+                        sums[k] += metrics[k]
+                    n_opt += 1
+            t3 = time.perf_counter()
 
-        record = {
-            "frac_correct": len(kept_outputs) / max(1, len(lengths)),
-            "questions_solved": questions_solved / max(1, len(picked)),
-            "n_kept": len(kept_outputs),
-            "optimizer_steps": n_opt,
-            **{k: v / max(1, n_opt) for k, v in sums.items()},
-            "response_tokens": sum(lengths) / max(1, len(lengths)),
-            "rollout_s": t1 - t0,
-            "scoring_s": t2 - t1,
-            "training_s": t3 - t2,
-        }
-        log.log("train", step + 1, **record)
-        final.update(record)
+            record = {
+                "frac_correct": len(kept_outputs) / max(1, len(lengths)),
+                "questions_solved": questions_solved / max(1, len(picked)),
+                "n_kept": len(kept_outputs),
+                "optimizer_steps": n_opt,
+                **{k: v / max(1, n_opt) for k, v in sums.items()},
+                "response_tokens": sum(lengths) / max(1, len(lengths)),
+                "rollout_s": t1 - t0,
+                "scoring_s": t2 - t1,
+                "training_s": t3 - t2,
+            }
+            log.log("train", step + 1, **record)
+            final.update(record)
+    final.update(early.result())
 
     plot_log(log.path, log.out_dir / "curves.png", {
         "fraction of samples correct": ("train", "frac_correct"), "SFT loss": ("train", "loss"),
@@ -203,4 +205,4 @@ def cli_main(argv: list[str] | None = None) -> int:
     cfg = parse_config(EIConfig, argv, "Expert iteration: sample, keep the correct responses, SFT, repeat.", PRESETS)
     final = train_expert_iteration(cfg)
     print_summary(final, cfg)
-    return 0
+    return exit_status(final)  # 130 / 143 after Ctrl-C / SIGTERM: resumable

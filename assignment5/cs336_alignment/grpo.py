@@ -28,12 +28,14 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+from cs336_basics.train import exit_status
 
 from cs336_alignment import losses
 from cs336_alignment.losses import LengthNormalization, LossType
 from cs336_alignment.models import Policy
 from cs336_alignment.sft_data import pack_prompt_and_output_ids, pad_id_of, qa_examples
 from cs336_alignment.train_utils import (
+    EarlyStop,
     Evaluator,
     RunLog,
     autocast,
@@ -267,127 +269,127 @@ def train_grpo(
 
     n_questions = cfg.rollout_batch_size // cfg.group_size
     final: dict[str, Any] = {}
-    t_start = time.perf_counter()
 
-    for step in range(start, cfg.n_grpo_steps + 1):
-        out_of_time = cfg.max_minutes > 0 and time.perf_counter() - t_start > 60 * cfg.max_minutes
-        last = step == cfg.n_grpo_steps or (out_of_time and step > start)
-        lr = warmup_constant_lr(step, cfg.learning_rate, cfg.warmup_steps)
-        set_lr(optimizer, lr)
+    with EarlyStop(cfg.max_minutes) as early:
+        for step in range(start, cfg.n_grpo_steps + 1):
+            last = step == cfg.n_grpo_steps or (step > start and early.now())
+            lr = warmup_constant_lr(step, cfg.learning_rate, cfg.warmup_steps)
+            set_lr(optimizer, lr)
 
-        # ---- evaluation and checkpoint (before the step: step 0 is the starting policy)
-        if evaluator.prompts and (step == start or last or (cfg.eval_every > 0 and step % cfg.eval_every == 0)):
-            final.update(evaluator.run(policy, log, step))
-        if step > start and (last or (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0)):
-            save_checkpoint(cfg.out_dir, step, policy, optimizer, cfg)
-        if last:
-            break
-
-        # ---- rollouts and scoring: G responses for each of n_questions questions (seeded by step:
-        # resumable); with dynamic sampling, more rounds until n_questions groups have rewards that
-        # differ (all-equal groups have zero advantage), all-equal ones filling what is left
-        t0 = time.perf_counter()
-        engine.load_weights(policy.model)  # in-place copy into the rollout engine's weights
-        kept: list[tuple[list[int], list[Any], torch.Tensor]] = []  # prompt ids, G completions, G rewards
-        fillers: list[tuple[list[int], list[Any], torch.Tensor]] = []
-        rollout_s = scoring_s = 0.0
-        generated = 0  # tokens sampled in all rounds
-        for rnd in range(cfg.dynamic_sampling_rounds):
-            t_round = time.perf_counter()
-            seed = cfg.seed * 1_000_003 + step + rnd * 1_000_000_007
-            rng = random.Random(seed)
-            picked = rng.sample(range(len(train_examples)), n_questions) if n_questions <= len(train_examples) \
-                else [rng.randrange(len(train_examples)) for _ in range(n_questions)]
-            prompt_ids = prompt_token_ids(tokenizer, [train_prompts[i] for i in picked])
-            params = SamplingParams(temperature=cfg.sampling_temperature, top_p=cfg.sampling_top_p,
-                                    max_new_tokens=cfg.sampling_max_tokens, min_new_tokens=cfg.sampling_min_tokens,
-                                    stop=cfg.stop, n=cfg.group_size, seed=seed)
-            outs = engine.generate(prompt_ids, params)
-            t_scored = time.perf_counter()
-            truths = [train_examples[i]["answer"] for i in picked for _ in range(cfg.group_size)]
-            _, round_rewards, round_meta = losses.compute_group_normalized_rewards(
-                reward_fn, [c.text for group in outs for c in group], truths, cfg.group_size,
-                cfg.advantage_eps, cfg.use_std_normalization)
-            if rnd == 0:
-                reward_meta = round_meta  # the policy's own reward statistics (round 0 is an unbiased sample)
-            useful = losses.informative_groups(round_rewards, cfg.group_size).tolist()
-            for j, (ids, group) in enumerate(zip(prompt_ids, outs)):
-                rewards = round_rewards[j * cfg.group_size:(j + 1) * cfg.group_size]
-                (kept if useful[j] or cfg.dynamic_sampling_rounds == 1 else fillers).append((ids, group, rewards))
-            rollout_s += t_scored - t_round
-            generated += sum(len(c.token_ids) for group in outs for c in group)
-            scoring_s += time.perf_counter() - t_scored
-            if len(kept) >= n_questions:
+            # ---- evaluation and checkpoint (before the step: step 0 is the starting policy)
+            if evaluator.prompts and (step == start or last or (cfg.eval_every > 0 and step % cfg.eval_every == 0)):
+                final.update(evaluator.run(policy, log, step))
+            if step > start and (last or (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0)):
+                save_checkpoint(cfg.out_dir, step, policy, optimizer, cfg)
+            if last:
                 break
-        batch_groups = (kept + fillers)[:n_questions]
-        prompt_ids = [ids for ids, _, _ in batch_groups]
-        completions = [c for _, group, _ in batch_groups for c in group]  # group by group
-        raw_rewards = torch.cat([r for _, _, r in batch_groups])
-        advantages = losses.group_normalize(raw_rewards, cfg.group_size, cfg.advantage_eps, cfg.use_std_normalization)
-        t2 = time.perf_counter()
 
-        # ---- training on the rollout batch (the sampled token ids, not a re-tokenization of the text)
-        batch = pack_prompt_and_output_ids([p for p in prompt_ids for _ in range(cfg.group_size)],
-                                           [c.token_ids for c in completions], pad_id)
-        policy.model.train()
-        # the rows of every optimizer step, drawn before any forward pass (the forward draws from the RNG)
-        step_rows = [rows for _ in range(cfg.epochs_per_rollout_batch)
-                     for rows in torch.randperm(cfg.rollout_batch_size).split(cfg.train_batch_size)]
-        old_log_probs = None  # (B, T) on device; None: on-policy, the loss uses the detached log-probs
-        recompute_tokens = 0
-        if cfg.loss_type in ("grpo_clip", "grpo_no_clip") and cfg.off_policy:
-            if cfg.old_log_probs == "engine":
-                old_log_probs = place_response_values(batch["response_mask"], [c.logprobs for c in completions]).to(device)
-            else:  # the first optimizer step fills in its own rows; the rest of the first epoch needs a pass now
-                old_log_probs = torch.zeros(batch["labels"].shape, device=device)
-                rest = step_rows[1:cfg.rollout_batch_size // cfg.train_batch_size]
-                if rest:
-                    recompute_tokens = recompute_old_log_probs(policy.model, cfg, batch, torch.cat(rest), device,
-                                                               precision, old_log_probs)
-        rewards_dev, advantages_dev = raw_rewards.to(device), advantages.to(device)
-        totals = {k: torch.zeros((), device=device) for k in ("loss", "entropy", "clipped", "tokens", "old_diff", "old_tokens")}
-        totals["padded_tokens"] = 0
-        grad_norms = []
-        for i, rows in enumerate(step_rows):
-            if cfg.length_sorted_microbatches:
-                rows = sort_by_length(batch, rows)
-            backward_micro_batches(policy.model, cfg, batch, rows, rewards_dev, advantages_dev, old_log_probs, device,
-                                   precision, totals, first_step=i == 0)
-            grad_norms.append(grad_norm_and_clip(policy.model, cfg.max_grad_norm))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        n_micro = len(step_rows) * cfg.gradient_accumulation_steps
-        loss_sum, entropy_sum, clipped, tokens, old_diff, old_tokens = torch.stack(
-            [totals[k] for k in ("loss", "entropy", "clipped", "tokens", "old_diff", "old_tokens")]).tolist()  # one sync
-        t3 = time.perf_counter()
+            # ---- rollouts and scoring: G responses for each of n_questions questions (seeded by step:
+            # resumable); with dynamic sampling, more rounds until n_questions groups have rewards that
+            # differ (all-equal groups have zero advantage), all-equal ones filling what is left
+            t0 = time.perf_counter()
+            engine.load_weights(policy.model)  # in-place copy into the rollout engine's weights
+            kept: list[tuple[list[int], list[Any], torch.Tensor]] = []  # prompt ids, G completions, G rewards
+            fillers: list[tuple[list[int], list[Any], torch.Tensor]] = []
+            rollout_s = scoring_s = 0.0
+            generated = 0  # tokens sampled in all rounds
+            for rnd in range(cfg.dynamic_sampling_rounds):
+                t_round = time.perf_counter()
+                seed = cfg.seed * 1_000_003 + step + rnd * 1_000_000_007
+                rng = random.Random(seed)
+                picked = rng.sample(range(len(train_examples)), n_questions) if n_questions <= len(train_examples) \
+                    else [rng.randrange(len(train_examples)) for _ in range(n_questions)]
+                prompt_ids = prompt_token_ids(tokenizer, [train_prompts[i] for i in picked])
+                params = SamplingParams(temperature=cfg.sampling_temperature, top_p=cfg.sampling_top_p,
+                                        max_new_tokens=cfg.sampling_max_tokens, min_new_tokens=cfg.sampling_min_tokens,
+                                        stop=cfg.stop, n=cfg.group_size, seed=seed)
+                outs = engine.generate(prompt_ids, params)
+                t_scored = time.perf_counter()
+                truths = [train_examples[i]["answer"] for i in picked for _ in range(cfg.group_size)]
+                _, round_rewards, round_meta = losses.compute_group_normalized_rewards(
+                    reward_fn, [c.text for group in outs for c in group], truths, cfg.group_size,
+                    cfg.advantage_eps, cfg.use_std_normalization)
+                if rnd == 0:
+                    reward_meta = round_meta  # the policy's own reward statistics (round 0 is an unbiased sample)
+                useful = losses.informative_groups(round_rewards, cfg.group_size).tolist()
+                for j, (ids, group) in enumerate(zip(prompt_ids, outs)):
+                    rewards = round_rewards[j * cfg.group_size:(j + 1) * cfg.group_size]
+                    (kept if useful[j] or cfg.dynamic_sampling_rounds == 1 else fillers).append((ids, group, rewards))
+                rollout_s += t_scored - t_round
+                generated += sum(len(c.token_ids) for group in outs for c in group)
+                scoring_s += time.perf_counter() - t_scored
+                if len(kept) >= n_questions:
+                    break
+            batch_groups = (kept + fillers)[:n_questions]
+            prompt_ids = [ids for ids, _, _ in batch_groups]
+            completions = [c for _, group, _ in batch_groups for c in group]  # group by group
+            raw_rewards = torch.cat([r for _, _, r in batch_groups])
+            advantages = losses.group_normalize(raw_rewards, cfg.group_size, cfg.advantage_eps, cfg.use_std_normalization)
+            t2 = time.perf_counter()
 
-        # ---- log
-        lengths = [len(c.token_ids) for c in completions]
-        record = {
-            **{k.removesuffix("_mean"): v for k, v in reward_meta.items() if k.endswith("_mean")},
-            "reward_std": reward_meta["reward_std"],
-            "frac_groups_all_equal": reward_meta["frac_groups_all_equal"],
-            "frac_trained_groups_informative": losses.informative_groups(raw_rewards, cfg.group_size).float().mean().item(),
-            "sampling_rounds": rnd + 1,
-            "loss": loss_sum * cfg.gradient_accumulation_steps / n_micro,  # mean over optimizer steps
-            # per response token of all micro-batches (not a mean of micro-batch means: independent of the grouping)
-            "entropy": entropy_sum / max(1.0, tokens),
-            "clip_fraction": clipped / max(1.0, tokens),
-            "grad_norm": sum(grad_norms) / len(grad_norms),
-            **({"old_logp_abs_diff": old_diff / max(1.0, old_tokens)} if old_log_probs is not None else {}),
-            "padded_tokens": totals["padded_tokens"],
-            "recompute_tokens": recompute_tokens,
-            "response_tokens": sum(lengths) / len(lengths),
-            "frac_truncated": sum(c.finish_reason == "length" for c in completions) / len(completions),
-            "lr": lr,
-            "rollout_s": rollout_s,
-            "scoring_s": scoring_s,
-            "training_s": t3 - t2,
-            "step_s": t3 - t0,
-            "rollout_tok_per_s": generated / max(rollout_s, 1e-9),
-        }
-        log.log("train", step + 1, **record)
-        final.update(record)
+            # ---- training on the rollout batch (the sampled token ids, not a re-tokenization of the text)
+            batch = pack_prompt_and_output_ids([p for p in prompt_ids for _ in range(cfg.group_size)],
+                                               [c.token_ids for c in completions], pad_id)
+            policy.model.train()
+            # the rows of every optimizer step, drawn before any forward pass (the forward draws from the RNG)
+            step_rows = [rows for _ in range(cfg.epochs_per_rollout_batch)
+                         for rows in torch.randperm(cfg.rollout_batch_size).split(cfg.train_batch_size)]
+            old_log_probs = None  # (B, T) on device; None: on-policy, the loss uses the detached log-probs
+            recompute_tokens = 0
+            if cfg.loss_type in ("grpo_clip", "grpo_no_clip") and cfg.off_policy:
+                if cfg.old_log_probs == "engine":
+                    old_log_probs = place_response_values(batch["response_mask"], [c.logprobs for c in completions]).to(device)
+                else:  # the first optimizer step fills in its own rows; the rest of the first epoch needs a pass now
+                    old_log_probs = torch.zeros(batch["labels"].shape, device=device)
+                    rest = step_rows[1:cfg.rollout_batch_size // cfg.train_batch_size]
+                    if rest:
+                        recompute_tokens = recompute_old_log_probs(policy.model, cfg, batch, torch.cat(rest), device,
+                                                                   precision, old_log_probs)
+            rewards_dev, advantages_dev = raw_rewards.to(device), advantages.to(device)
+            totals = {k: torch.zeros((), device=device) for k in ("loss", "entropy", "clipped", "tokens", "old_diff", "old_tokens")}
+            totals["padded_tokens"] = 0
+            grad_norms = []
+            for i, rows in enumerate(step_rows):
+                if cfg.length_sorted_microbatches:
+                    rows = sort_by_length(batch, rows)
+                backward_micro_batches(policy.model, cfg, batch, rows, rewards_dev, advantages_dev, old_log_probs, device,
+                                       precision, totals, first_step=i == 0)
+                grad_norms.append(grad_norm_and_clip(policy.model, cfg.max_grad_norm))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            n_micro = len(step_rows) * cfg.gradient_accumulation_steps
+            loss_sum, entropy_sum, clipped, tokens, old_diff, old_tokens = torch.stack(
+                [totals[k] for k in ("loss", "entropy", "clipped", "tokens", "old_diff", "old_tokens")]).tolist()  # one sync
+            t3 = time.perf_counter()
+
+            # ---- log
+            lengths = [len(c.token_ids) for c in completions]
+            record = {
+                **{k.removesuffix("_mean"): v for k, v in reward_meta.items() if k.endswith("_mean")},
+                "reward_std": reward_meta["reward_std"],
+                "frac_groups_all_equal": reward_meta["frac_groups_all_equal"],
+                "frac_trained_groups_informative": losses.informative_groups(raw_rewards, cfg.group_size).float().mean().item(),
+                "sampling_rounds": rnd + 1,
+                "loss": loss_sum * cfg.gradient_accumulation_steps / n_micro,  # mean over optimizer steps
+                # per response token of all micro-batches (not a mean of micro-batch means: independent of the grouping)
+                "entropy": entropy_sum / max(1.0, tokens),
+                "clip_fraction": clipped / max(1.0, tokens),
+                "grad_norm": sum(grad_norms) / len(grad_norms),
+                **({"old_logp_abs_diff": old_diff / max(1.0, old_tokens)} if old_log_probs is not None else {}),
+                "padded_tokens": totals["padded_tokens"],
+                "recompute_tokens": recompute_tokens,
+                "response_tokens": sum(lengths) / len(lengths),
+                "frac_truncated": sum(c.finish_reason == "length" for c in completions) / len(completions),
+                "lr": lr,
+                "rollout_s": rollout_s,
+                "scoring_s": scoring_s,
+                "training_s": t3 - t2,
+                "step_s": t3 - t0,
+                "rollout_tok_per_s": generated / max(rollout_s, 1e-9),
+            }
+            log.log("train", step + 1, **record)
+            final.update(record)
+    final.update(early.result())
 
     _plots(log)
     return final
@@ -413,4 +415,4 @@ def cli_main(argv: list[str] | None = None) -> int:
     cfg = parse_config(GRPOConfig, argv, "GRPO / policy-gradient training with the rollout engine.", PRESETS)
     final = train_grpo(cfg)
     print_summary(final, cfg)
-    return 0
+    return exit_status(final)  # 130 / 143 after Ctrl-C / SIGTERM: resumable

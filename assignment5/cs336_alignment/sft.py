@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+from cs336_basics.train import exit_status
 
 from cs336_alignment import losses
 from cs336_alignment.models import Policy
@@ -36,6 +37,7 @@ from cs336_alignment.sft_data import (
     tokenize_prompt_and_output,
 )
 from cs336_alignment.train_utils import (
+    EarlyStop,
     Evaluator,
     RunLog,
     autocast,
@@ -72,6 +74,8 @@ class SFTConfig:
     max_seq_len: int = field(1024, "reasoning: truncate prompt+response to this many tokens")
     seq_length: int = field(512, "packed: window length")
     epochs: int = field(1, "passes over the training examples")
+    max_minutes: float = field(0.0, "wall-clock budget: past it, the next step is the last "
+                               "(final evaluation + checkpoint; --resume continues) (0 = none)")
     batch_size: int = field(64, "examples (or windows) per optimizer step")
     gradient_accumulation_steps: int = field(8, "micro-batches per optimizer step")
     learning_rate: float = field(2e-5, "peak AdamW learning rate")
@@ -192,41 +196,43 @@ def train_sft(cfg: SFTConfig, policy: Policy | None = None, quiet: bool = False)
     epoch_order: tuple[int, list] | None = None
     final: dict[str, Any] = {"train_examples": len(dataset) if cfg.data_format == "packed" else len(examples)}
 
-    for step in range(start, total_steps + 1):
-        last = step == total_steps
-        lr = cosine_lr(step, cfg.learning_rate, cfg.learning_rate * cfg.min_lr_ratio, warmup, total_steps)
-        set_lr(optimizer, lr)
+    with EarlyStop(cfg.max_minutes) as early:
+        for step in range(start, total_steps + 1):
+            last = step == total_steps or (step > start and early.now())
+            lr = cosine_lr(step, cfg.learning_rate, cfg.learning_rate * cfg.min_lr_ratio, warmup, total_steps)
+            set_lr(optimizer, lr)
 
-        if evaluator and (step == start or last or (cfg.eval_every > 0 and step % cfg.eval_every == 0)):
-            final.update(evaluator.run(policy, log, step))
-        if step > start and (last or (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0)):
-            save_checkpoint(cfg.out_dir, step, policy, optimizer, cfg)
-        if last:
-            break
+            if evaluator and (step == start or last or (cfg.eval_every > 0 and step % cfg.eval_every == 0)):
+                final.update(evaluator.run(policy, log, step))
+            if step > start and (last or (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0)):
+                save_checkpoint(cfg.out_dir, step, policy, optimizer, cfg)
+            if last:
+                break
 
-        # the data order of an epoch depends only on (seed, epoch): a resumed run sees the same batches
-        epoch, index = divmod(step, steps_per_epoch)
-        if epoch_order is None or epoch_order[0] != epoch:
+            # the data order of an epoch depends only on (seed, epoch): a resumed run sees the same batches
+            epoch, index = divmod(step, steps_per_epoch)
+            if epoch_order is None or epoch_order[0] != epoch:
+                if cfg.data_format == "packed":
+                    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+                    epoch_order = (epoch, list(iterate_batches(dataset, cfg.batch_size, shuffle=True, generator=gen)))
+                else:
+                    order = list(range(len(examples)))
+                    random.Random(cfg.seed * 1_000_003 + epoch).shuffle(order)
+                    epoch_order = (epoch, order)
+            t0 = time.perf_counter()
             if cfg.data_format == "packed":
-                gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-                epoch_order = (epoch, list(iterate_batches(dataset, cfg.batch_size, shuffle=True, generator=gen)))
+                windows = epoch_order[1][index]
+                batch = {**windows, "response_mask": torch.ones_like(windows["labels"], dtype=torch.bool)}
             else:
-                order = list(range(len(examples)))
-                random.Random(cfg.seed * 1_000_003 + epoch).shuffle(order)
-                epoch_order = (epoch, order)
-        t0 = time.perf_counter()
-        if cfg.data_format == "packed":
-            windows = epoch_order[1][index]
-            batch = {**windows, "response_mask": torch.ones_like(windows["labels"], dtype=torch.bool)}
-        else:
-            chosen = [examples[i] for i in epoch_order[1][index * cfg.batch_size : (index + 1) * cfg.batch_size]]
-            batch = truncate(tokenize_prompt_and_output([e["prompt"] for e in chosen], [e["response"] for e in chosen], tokenizer),
-                             cfg.max_seq_len)
-        metrics = sft_step(policy, optimizer, batch, cfg.gradient_accumulation_steps, cfg.max_grad_norm, device, precision)
-        dt = time.perf_counter() - t0
-        record = {**metrics, "lr": lr, "epoch": epoch, "step_s": dt, "tok_per_s": metrics["tokens"] / max(dt, 1e-9)}
-        log.log("train", step + 1, **record)
-        final.update(record)
+                chosen = [examples[i] for i in epoch_order[1][index * cfg.batch_size : (index + 1) * cfg.batch_size]]
+                batch = truncate(tokenize_prompt_and_output([e["prompt"] for e in chosen], [e["response"] for e in chosen], tokenizer),
+                                 cfg.max_seq_len)
+            metrics = sft_step(policy, optimizer, batch, cfg.gradient_accumulation_steps, cfg.max_grad_norm, device, precision)
+            dt = time.perf_counter() - t0
+            record = {**metrics, "lr": lr, "epoch": epoch, "step_s": dt, "tok_per_s": metrics["tokens"] / max(dt, 1e-9)}
+            log.log("train", step + 1, **record)
+            final.update(record)
+    final.update(early.result())
 
     plot_log(log.path, log.out_dir / "curves.png", {
         "loss (per token)": ("train", "loss"), "entropy": ("train", "entropy"), "grad norm": ("train", "grad_norm"),
@@ -239,4 +245,4 @@ def cli_main(argv: list[str] | None = None) -> int:
     cfg = parse_config(SFTConfig, argv, "Supervised fine-tuning on reasoning traces or instruction data.", PRESETS)
     final = train_sft(cfg)
     print_summary(final, cfg)
-    return 0
+    return exit_status(final)  # 130 / 143 after Ctrl-C / SIGTERM: resumable

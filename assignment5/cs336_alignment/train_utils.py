@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from cs336_basics.stop_signals import StopSignals
 from cs336_basics.train import git_sha
 
 from cs336_alignment.models import Policy
@@ -150,6 +151,52 @@ def grad_norm_and_clip(model: torch.nn.Module, max_norm: float) -> float:
     params = [p for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
     return float(norm)  # .item() syncs with the GPU once per optimizer step
+
+
+# --------------------------------------------------------------------------- early stop
+
+
+class EarlyStop:
+    """The early end of a training loop: after the first SIGINT or SIGTERM
+    (`cs336_basics.stop_signals`), or past ``max_minutes`` of wall clock (0: no limit), the next step
+    is the last one. That step evaluates and checkpoints like the end of a finished run, so
+    ``--resume`` goes on from there. A second signal acts at once, as it would without this.
+
+        with EarlyStop(cfg.max_minutes) as early:
+            for step in range(start, total + 1):
+                last = step == total or (step > start and early.now())
+                ...
+        final.update(early.result())
+
+    ``result()`` is ``{"stopped": "done" | "max_minutes" | "interrupted", "signal": name | None}``;
+    `cs336_basics.train.exit_status` turns it into the process's exit status (130 after Ctrl-C).
+    """
+
+    def __init__(self, max_minutes: float = 0.0):
+        self.max_minutes = max_minutes
+        self.stopped = "done"
+        self._signals = StopSignals()
+        self._t_start = time.perf_counter()
+
+    def __enter__(self) -> typing.Self:
+        self._t_start = time.perf_counter()
+        self._signals.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._signals.__exit__(*exc)
+
+    def now(self) -> bool:
+        """Whether the loop should stop at this step (it records why)."""
+        if self._signals.received is not None:
+            self.stopped = "interrupted"
+        elif self.max_minutes > 0 and time.perf_counter() - self._t_start > 60 * self.max_minutes:
+            self.stopped = "max_minutes"
+        return self.stopped != "done"
+
+    def result(self) -> dict[str, Any]:
+        received = self._signals.received if self.stopped == "interrupted" else None
+        return {"stopped": self.stopped, "signal": received.name if received is not None else None}
 
 
 # --------------------------------------------------------------------------- run log
