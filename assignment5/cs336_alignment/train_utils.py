@@ -176,7 +176,6 @@ class EarlyStop:
         self.max_minutes = max_minutes
         self.stopped = "done"
         self._signals = StopSignals()
-        self._t_start = time.perf_counter()
 
     def __enter__(self) -> typing.Self:
         self._t_start = time.perf_counter()

@@ -21,16 +21,18 @@ DIGITS = {"reward_fn": toy_task.digit_reward, "train_examples": toy_task.digit_e
 
 
 def _grpo_cfg(out, **kw):
-    return GRPOConfig(**{"model": "unused", "out_dir": str(out), "n_grpo_steps": 3, "rollout_batch_size": 16, "group_size": 4,
-                         "train_batch_size": 16, "gradient_accumulation_steps": 2, "sampling_max_tokens": 2, "sampling_min_tokens": 1, "stop": (),
-                         "learning_rate": 1e-2, "eval_every": 0, "eval_max_tokens": 1, "device": "cpu", **kw})
+    return GRPOConfig(**{"model": "unused", "out_dir": str(out), "n_grpo_steps": 3, "rollout_batch_size": 16,
+                         "group_size": 4, "train_batch_size": 16, "gradient_accumulation_steps": 2,
+                         "sampling_max_tokens": 2, "sampling_min_tokens": 1, "stop": (), "learning_rate": 1e-2,
+                         "eval_every": 0, "eval_max_tokens": 1, "device": "cpu", **kw})
 
 
 def _sft(tmp_path, out):
     rows = tmp_path / "sft.jsonl"
     rows.write_text("".join(json.dumps({"prompt": f"Q{i}: a digit? A:", "response": " 7"}) + "\n" for i in range(16)))
-    cfg = SFTConfig(model="unused", out_dir=str(out), train_data=str(rows), prompt="question_only", epochs=1, batch_size=4, gradient_accumulation_steps=1,
-                    learning_rate=1e-2, eval_data="none", stop=(), device="cpu")
+    cfg = SFTConfig(model="unused", out_dir=str(out), train_data=str(rows), prompt="question_only", epochs=1,
+                    batch_size=4, gradient_accumulation_steps=1, learning_rate=1e-2, eval_data="none", stop=(),
+                    device="cpu")
     return train_sft(cfg, policy=toy_task.toy_policy(), quiet=True)
 
 
@@ -38,15 +40,15 @@ def _dpo(tmp_path, out):
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps({"prompt": f"Q{i}: a digit?", "chosen": f"{i % 10}", "rejected": "no"}) + "\n"
                             for i in range(20)))
-    cfg = DPOConfig(model="unused", train_data=str(path), out_dir=str(out), val_examples=4, learning_rate=3e-3, batch_size=4, gradient_accumulation_steps=1,
-                    eval_every=0, device="cpu")
+    cfg = DPOConfig(model="unused", train_data=str(path), out_dir=str(out), val_examples=4, learning_rate=3e-3,
+                    batch_size=4, gradient_accumulation_steps=1, eval_every=0, device="cpu")
     return train_dpo(cfg, policy=toy_task.toy_policy(), ref=toy_task.toy_policy(), pairs=load_pairs(str(path)), quiet=True)
 
 
 def _ei(tmp_path, out):
     cfg = EIConfig(model="unused", out_dir=str(out), n_ei_steps=3, questions_per_step=4, rollouts_per_question=2,
-                   sampling_max_tokens=1, sampling_min_tokens=1, stop=(), batch_size=4, gradient_accumulation_steps=1, eval_every=0, eval_max_tokens=1,
-                   device="cpu")
+                   sampling_max_tokens=1, sampling_min_tokens=1, stop=(), batch_size=4, gradient_accumulation_steps=1,
+                   eval_every=0, eval_max_tokens=1, device="cpu")
     return train_expert_iteration(cfg, policy=toy_task.toy_policy(), **DIGITS)
 
 
@@ -104,7 +106,7 @@ def test_grpo_interrupted_mid_rollout_and_resumed_matches_an_unbroken_run(tmp_pa
 
     train_grpo(_grpo_cfg(tmp_path / "whole"), policy=toy_task.toy_policy(seed=0), **DIGITS)
     keys = ("step", "loss", "reward", "grad_norm", "entropy")
-    broken, whole = ([{k: r.get(k) for k in keys} for r in read_log(tmp_path / run / "log.jsonl", "train")]
+    broken, whole = ([{k: r[k] for k in keys} for r in read_log(tmp_path / run / "log.jsonl", "train")]
                      for run in ("broken", "whole"))
     assert broken == whole and len(whole) == 3
 
