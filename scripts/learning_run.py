@@ -3,26 +3,37 @@
 1. ``prepare``: gather the English UTF-8 texts of ``../shared/data/text`` (or any folder), hold out
    the last 5% of every file for validation, train our 10K byte-level BPE on the training part and
    tokenize both parts to ``<out>/{train,val}.bin`` (+ JSON sidecars). CPU only.
-2. train each side with the same command, differing only in ``--model-impl``/``--optimizer-impl``
-   (the commands are printed by ``prepare``).
-3. ``plot``: validation loss against wall time of several runs, as PNG and JSON.
+2. ``run``: train each side, one after the other, with the same ``cs336-basics train`` command
+   differing only in ``--model-impl``/``--optimizer-impl`` (``--sides ours hf``), then plot them and
+   print the summary table of docs/benchmarks.md (``<out>/learning_run.{png,json}``).
+3. ``plot``: validation loss against wall time of several runs, as PNG and JSON, and the summary
+   table; also for runs made apart (on a GPU with a per-command time limit, one side per command:
+   ``run --sides ours``, then ``run --sides hf``).
 
     python scripts/learning_run.py prepare --out .lmdata
-    python scripts/learning_run.py plot --runs runs/ours runs/hf --labels ours HF --out docs/learning_run
+    PYTHONPATH=assignment1:assignment2 python3 scripts/learning_run.py run --data .lmdata --minutes 10 --out runs/lr
+    python scripts/learning_run.py plot --runs runs/lr/ours runs/lr/hf --labels ours HF --out docs/learning_run
 
-To repeat on TinyStories: point ``prepare`` at a folder holding TinyStoriesV2-GPT4-{train,valid}.txt
-(or tokenize them with ``cs336-basics train-tokenizer`` / ``tokenize``) and drop ``--max-minutes``.
+To repeat on TinyStories: tokenize TinyStoriesV2-GPT4-{train,valid}.txt with ``cs336-basics
+train-tokenizer`` / ``tokenize`` into ``<dir>/train.bin`` and ``<dir>/val.bin``, then ``run --data <dir>
+--minutes 0`` (0: no wall-clock limit, all 10,000 steps).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import subprocess
 import sys
 from pathlib import Path
 
 SKIP = {"german.txt"}  # not English
 EOT = "<|endoftext|>"
+SIDES = {  # the only flags in which the two runs differ
+    "ours": [],
+    "hf": ["--model-impl", "hf-llama", "--optimizer-impl", "torch-fused"],
+}
 
 
 def english_texts(root: Path) -> list[Path]:
@@ -62,30 +73,79 @@ def prepare(args) -> None:
     for split in ("train", "val"):
         info = tokenize_file(out / "tokenizer", out / f"{split}.txt", out / f"{split}.bin")
         print(split, info)
-    common = (f"cs336-basics train --preset tinystories-17m --train-data {out}/train.bin --val-data {out}/val.bin "
-              f"--vocab-size {args.vocab_size} --compile --max-minutes MINUTES --eval-interval 100")
-    print("ours:", common, "--out-dir runs/ours")
-    print("HF:  ", common, "--model-impl hf-llama --optimizer-impl torch-fused --out-dir runs/hf")
+    print(f"next: python scripts/learning_run.py run --data {out} --minutes 10 --out runs/learning")
+
+
+def train_command(side: str, args) -> list[str]:
+    """The ``cs336-basics train`` command of one side (as ``python -m``, so PYTHONPATH trees work)."""
+    data = Path(args.data)
+    return [sys.executable, "-m", "cs336_basics.train", "--preset", args.preset, "--train-data", str(data / "train.bin"),
+            "--val-data", str(data / "val.bin"), "--max-minutes", str(args.minutes), "--max-steps", str(args.max_steps),
+            "--eval-interval", str(args.eval_interval), "--checkpoint-interval", "0",
+            "--out-dir", str(Path(args.out) / side), "--overwrite", *(["--compile"] if args.compile else []),
+            *SIDES[side], *args.extra]
+
+
+def summarize(run_dir: Path, skip: int) -> dict:
+    """The numbers of the docs' table, from one run's metrics.jsonl."""
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    val = [r for r in rows if "val_loss" in r]
+    train = [r for r in rows if "loss" in r]
+    if not val or not train:
+        raise SystemExit(f"{run_dir}/metrics.jsonl holds no training steps or evaluations: did the run fail?")
+    best = min(val, key=lambda r: r["val_loss"])
+    tok_s = [r["tok_s"] for r in train if r["step"] >= skip] or [r["tok_s"] for r in train]
+    return {
+        "best_val_loss": best["val_loss"], "best_step": best["step"], "best_wall_s": best["wall_s"],
+        "final_step": val[-1]["step"], "final_val_loss": val[-1]["val_loss"], "final_wall_s": val[-1]["wall_s"],
+        "first_step_wall_s": train[0]["wall_s"],  # start-up: compilation of the eval and training graphs
+        "median_tok_s": round(statistics.median(tok_s)),
+        "val_loss_by_step": {r["step"]: r["val_loss"] for r in val},
+        "curve": {k: [r[k] for r in val] for k in ("wall_s", "step", "tokens", "val_loss")},
+    }
+
+
+def run(args) -> None:
+    """Each side in its own process, one after the other, then `plot` (curves and summary)."""
+    out = Path(args.out)
+    for name in ("train.bin", "val.bin"):
+        if not (Path(args.data) / name).is_file():
+            raise SystemExit(f"{Path(args.data) / name} not found: run `learning_run.py prepare --out {args.data}` first")
+    for side in args.sides:
+        cmd = train_command(side, args)
+        print("$", " ".join(cmd), flush=True)
+        log = out / f"{side}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "w") as f:  # the full log per side; its last lines are printed
+            proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=False)
+        print("\n".join(log.read_text().splitlines()[-3:]), flush=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"the {side} run failed (exit {proc.returncode}); its log: {log}")
+    plot(argparse.Namespace(runs=[str(out / s) for s in args.sides], labels=args.sides, out=str(out / "learning_run"),
+                            title=args.title, skip=args.skip))
+
+
+def same_step_gap(summaries: dict[str, dict]) -> float | None:
+    """The largest spread of the runs' validation losses at a step they all evaluated: with the same
+    initial weights and batches the curves should agree step for step."""
+    by_step = [s["val_loss_by_step"] for s in summaries.values()]
+    common = set.intersection(*(set(b) for b in by_step)) if len(by_step) > 1 else set()
+    return max((max(b[k] for b in by_step) - min(b[k] for b in by_step) for k in common), default=None)
 
 
 def plot(args) -> None:
+    """Validation loss against wall time of each run (PNG), the curves and each run's `summarize`
+    in JSON, and the summary as a Markdown table on stdout."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves = {}
-    for run, label in zip(args.runs, args.labels or args.runs):
-        rows = [json.loads(x) for x in (Path(run) / "metrics.jsonl").read_text().splitlines() if x.strip()]
-        curves[label] = {
-            "wall_s": [r["wall_s"] for r in rows if "val_loss" in r],
-            "step": [r["step"] for r in rows if "val_loss" in r],
-            "tokens": [r["tokens"] for r in rows if "val_loss" in r],
-            "val_loss": [r["val_loss"] for r in rows if "val_loss" in r],
-        }
+    labels = args.labels or args.runs
+    summaries = {label: summarize(Path(run), args.skip) for run, label in zip(args.runs, labels)}
     fig, ax = plt.subplots(figsize=(7, 4))
-    for label, c in curves.items():
-        ax.plot([t / 60 for t in c["wall_s"]], c["val_loss"], "o-", ms=3, label=label)
+    for label, s in summaries.items():
+        ax.plot([t / 60 for t in s["curve"]["wall_s"]], s["curve"]["val_loss"], "o-", ms=3, label=label)
     ax.set(xlabel="wall time (minutes, incl. compile and eval)", ylabel="validation loss (nats/token)",
            title=args.title)
     ax.grid(alpha=0.3)
@@ -94,7 +154,17 @@ def plot(args) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out.with_suffix(".png"), dpi=120)
-    out.with_suffix(".json").write_text(json.dumps(curves, indent=1))
+    gap = same_step_gap(summaries)
+    out.with_suffix(".json").write_text(json.dumps({"runs": summaries, "max_val_loss_gap_same_step": gap}, indent=1))
+    rows = [("best validation loss", lambda s: f"{s['best_val_loss']:.3f} at step {s['best_step']}, {s['best_wall_s']:.1f} s"),
+            ("last evaluation", lambda s: f"{s['final_val_loss']:.3f} at step {s['final_step']}, {s['final_wall_s']:.1f} s"),
+            ("first step logged at (start-up)", lambda s: f"{s['first_step_wall_s']:.1f} s"),
+            (f"median in-loop tokens/s from step {args.skip}", lambda s: f"{s['median_tok_s']:,}")]
+    print("| | " + " | ".join(summaries) + " |\n|---|" + "---:|" * len(summaries))
+    for name, fmt in rows:
+        print(f"| {name} | " + " | ".join(fmt(s) for s in summaries.values()) + " |")
+    if gap is not None:
+        print(f"largest validation-loss gap at the same step: {gap:.4f}")
     print(f"wrote {out.with_suffix('.png')} and {out.with_suffix('.json')}")
 
 
@@ -106,13 +176,26 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=".lmdata")
     p.add_argument("--vocab-size", type=int, default=10_000)
     p.add_argument("--holdout", type=float, default=0.05, help="fraction of each file kept for validation")
+    r = sub.add_parser("run", help="train both sides one after the other, then plot and summarize")
+    r.add_argument("--data", default=".lmdata", help="folder with train.bin / val.bin from `prepare`")
+    r.add_argument("--out", default="runs/learning", help="folder: one run folder per side, logs, plot, summary")
+    r.add_argument("--sides", nargs="+", default=list(SIDES), choices=list(SIDES))
+    r.add_argument("--preset", default="tinystories-17m")
+    r.add_argument("--minutes", type=float, default=10.0, help="wall-clock limit per side (--max-minutes)")
+    r.add_argument("--max-steps", type=int, default=10_000)
+    r.add_argument("--eval-interval", type=int, default=200)
+    r.add_argument("--skip", type=int, default=200, help="steps left out of the median tokens/s (compilation)")
+    r.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    r.add_argument("--title", default="17M LM, validation loss vs wall time")
+    r.add_argument("extra", nargs="*", help="more `cs336-basics train` flags for both sides (after --)")
     q = sub.add_parser("plot")
     q.add_argument("--runs", nargs="+", required=True, help="run folders holding metrics.jsonl")
     q.add_argument("--labels", nargs="*")
     q.add_argument("--out", required=True, help="path without suffix: writes .png and .json")
-    q.add_argument("--title", default="17M LM, validation loss vs wall time (H100)")
+    q.add_argument("--title", default="17M LM, validation loss vs wall time")
+    q.add_argument("--skip", type=int, default=200, help="steps left out of the median tokens/s (compilation)")
     args = ap.parse_args(argv)
-    prepare(args) if args.cmd == "prepare" else plot(args)
+    {"prepare": prepare, "run": run, "plot": plot}[args.cmd](args)
     return 0
 
 
