@@ -37,6 +37,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -77,6 +78,28 @@ class _NoWandb:
 
     def finish(self):
         pass
+
+
+def import_wandb():
+    """The ``wandb`` module, or ``TrainingStopped`` saying how to install it (an optional extra)."""
+    try:
+        import wandb
+    except ImportError as e:
+        raise TrainingStopped("--wandb needs the wandb package: pip install 'cs336-basics[wandb]' "
+                              f"(or leave --wandb off; metrics.jsonl has every number): {e}") from e
+    return wandb
+
+
+def scalars(row: dict, prefix: str = "") -> dict:
+    """The numbers of a metrics row for wandb, nested dicts flattened to ``profile/wall_ms_per_step``
+    (lists, strings and None left out: wandb charts numbers)."""
+    out = {}
+    for k, v in row.items():
+        if isinstance(v, dict):
+            out |= scalars(v, f"{prefix}{k}/")
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[prefix + k] = v
+    return out
 
 
 def pick_device(name: str) -> torch.device:
@@ -254,6 +277,7 @@ def _train(cfg: TrainConfig, strategy, stop: StopSignals) -> dict:
     if ckpt is None and (out_dir / "checkpoint.pt").exists() and not cfg.overwrite:
         raise TrainingStopped(f"{out_dir}/checkpoint.pt exists from an earlier run; resume it with --resume auto, "
                               "pass --overwrite, or choose another --out-dir")
+    wandb = import_wandb() if cfg.wandb and is_main else None
 
     # ---- model, optimizer, RNG
     torch.manual_seed(cfg.seed)
@@ -292,6 +316,8 @@ def _train(cfg: TrainConfig, strategy, stop: StopSignals) -> dict:
     # ---- outputs (rank 0 only); a resumed run keeps the metrics of the steps before its checkpoint
     metrics_path = out_dir / "metrics.jsonl"
     wandb_run = _NoWandb()
+    # a resumed run goes on logging into the wandb run its checkpoint names
+    wandb_id = (ckpt or {}).get("wandb_id") or uuid.uuid4().hex[:12]
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps({**cfg.to_dict(), "git_sha": git_sha()}, indent=2))
@@ -302,18 +328,16 @@ def _train(cfg: TrainConfig, strategy, stop: StopSignals) -> dict:
                 if r["step"] < start_step or ("val_loss" in r and r["step"] == start_step):
                     kept.append(line + "\n")
         metrics_path.write_text("".join(kept))
-        if cfg.wandb:
-            import wandb  # optional extra: imported only when asked for
-
+        if wandb is not None:
             wandb_run = wandb.init(project=cfg.wandb_project, config=cfg.to_dict(), mode=cfg.wandb_mode,
-                                   dir=str(out_dir), name=out_dir.name)
+                                   dir=str(out_dir), name=out_dir.name, id=wandb_id, resume="allow")
     metrics_file = open(metrics_path, "a") if is_main else None  # noqa: SIM115 (closed at every exit of the loop)
 
     def record(row: dict) -> None:
         if is_main:
             metrics_file.write(json.dumps(row) + "\n")
             metrics_file.flush()
-            wandb_run.log(row, step=row["step"])
+            wandb_run.log(scalars(row), step=row["step"])
 
     def checkpoint(step: int, wall: float) -> None:
         state = strategy.model_state_dict(model) if strategy is not None else raw_model.state_dict()
@@ -321,7 +345,7 @@ def _train(cfg: TrainConfig, strategy, stop: StopSignals) -> dict:
             save_checkpoint(state, optimizer, step, out_dir / "checkpoint.pt", config=cfg.to_dict(),
                             data_rng=data_rng.get_state(), torch_rng=torch.get_rng_state(),
                             cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                            wall_s=wall)
+                            wall_s=wall, wandb_id=wandb_id if cfg.wandb else None)
 
     tokens_per_step = cfg.batch_size * cfg.context_length
     flops_step = flops_per_token(cfg, raw_model) * tokens_per_step

@@ -347,3 +347,49 @@ def test_cli_tiny_run_writes_everything(tmp_path, capsys):
     assert T.cli_main(["--preset", "tiny", "--train-data", tr, "--val-data", va, "--out-dir", str(out)]) == 2
     with pytest.raises(SystemExit):
         T.cli_main(["--preset", "tiny", "--train-data", tr, "--val-data", va, "--num-heads", "5"])
+
+
+class _FakeWandb:
+    """wandb's call surface (init → run.log / run.finish), recording every call."""
+
+    def __init__(self):
+        self.inits, self.logged, self.finished = [], [], 0
+
+    def init(self, **kwargs):
+        self.inits.append(kwargs)
+        return self
+
+    def log(self, row, step):
+        assert all(isinstance(v, (int, float)) for v in row.values()), row  # numbers only
+        self.logged.append((step, row))
+
+    def finish(self):
+        self.finished += 1
+
+
+def test_wandb_logs_every_row_and_a_resumed_run_continues_the_same_wandb_run(tmp_path, monkeypatch):
+    fake = _FakeWandb()
+    monkeypatch.setitem(__import__("sys").modules, "wandb", fake)
+    cfg = _cfg(tmp_path, wandb=True, max_steps=12, profile_steps=1)  # profiles step 10
+    T.train(cfg)
+    first = fake.inits[0]
+    assert first["mode"] == "offline" and first["project"] == "cs336-basics" and first["resume"] == "allow"
+    rows = _rows(cfg)
+    assert [step for step, _ in fake.logged] == [r["step"] for r in rows] and fake.finished == 1
+    train_rows = [r for r in rows if "loss" in r]
+    assert [row["loss"] for _, row in fake.logged if "loss" in row] == [r["loss"] for r in train_rows]
+    assert all(row.keys() >= {"lr", "tok_s", "grad_norm", "wall_s"} for _, row in fake.logged if "loss" in row)
+    assert any("profile/wall_ms_per_step" in row for _, row in fake.logged)  # nested rows flattened
+    T.train(cfg.replace(max_steps=16, resume="auto"))
+    assert fake.inits[1]["id"] == first["id"] and fake.finished == 2  # the same wandb run goes on
+    T.train(cfg.replace(out_dir=str(tmp_path / "other")))
+    assert fake.inits[2]["id"] != first["id"]  # a new run, a new id
+    assert read_checkpoint(Path(cfg.out_dir) / "checkpoint.pt")["wandb_id"] == first["id"]
+
+
+def test_wandb_missing_is_a_clear_error_before_writing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(__import__("sys").modules, "wandb", None)  # import wandb raises ImportError
+    cfg = _cfg(tmp_path, wandb=True)
+    with pytest.raises(T.TrainingStopped, match=r"pip install 'cs336-basics\[wandb\]'"):
+        T.train(cfg)
+    assert not Path(cfg.out_dir).exists()
