@@ -103,8 +103,23 @@ def scalars(row: dict, prefix: str = "") -> dict:
 
 
 def pick_device(name: str) -> torch.device:
+    """``"auto"``: cuda > mps > cpu. Otherwise the named device, with a ``ValueError`` saying why
+    when it is not a device name or is not on this machine (instead of a failure at the first tensor)."""
     if name != "auto":
-        return torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise ValueError(f"unknown device {name!r}: use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'") from None
+        if device.type == "cuda":
+            n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if n == 0:
+                raise ValueError(f"device {name!r}: no CUDA GPU is available here (torch.cuda.is_available() "
+                                 "is False); use --device cpu, or auto")
+            if device.index is not None and device.index >= n:
+                raise ValueError(f"device {name!r}: this machine has {n} CUDA GPU(s), cuda:0 to cuda:{n - 1}")
+        if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ValueError(f"device {name!r}: Apple's MPS backend is not available here; use --device cpu, or auto")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():

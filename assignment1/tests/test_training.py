@@ -393,3 +393,24 @@ def test_wandb_missing_is_a_clear_error_before_writing(tmp_path, monkeypatch, ca
     with pytest.raises(T.TrainingStopped, match=r"pip install 'cs336-basics\[wandb\]'"):
         T.train(cfg)
     assert not Path(cfg.out_dir).exists()
+
+
+def test_a_device_this_machine_lacks_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    for name, msg in (("cuda", "no CUDA GPU is available here"), ("cuda:1", "no CUDA GPU"), ("gpu", "unknown device"),
+                      ("mps", "MPS backend is not available")):
+        with pytest.raises(ValueError, match=msg):
+            T.pick_device(name)
+    assert T.pick_device("cpu") == torch.device("cpu") and T.pick_device("auto") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert T.pick_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(ValueError, match="has 2 CUDA GPU"):
+        T.pick_device("cuda:2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = _cfg(tmp_path)
+    argv = ["--preset", "tiny", "--train-data", cfg.train_data, "--val-data", cfg.val_data, "--vocab-size", "32",
+            "--out-dir", cfg.out_dir, "--device", "cuda"]
+    assert T.cli_main(argv) == 2 and "no CUDA GPU" in capsys.readouterr().err
+    assert not Path(cfg.out_dir).exists()
