@@ -80,6 +80,16 @@ def fused_lm_loss() -> Callable[[Tensor, Tensor, Tensor], Tensor] | None:
     return None if kernels is None else kernels.linear_cross_entropy
 
 
+def fuse_here(fuse_projections: bool | None, x: Tensor) -> bool:
+    """A module's ``fuse_projections`` for input ``x``: True or False as set, or for None (the default)
+    True where the Triton kernels run (CUDA, or the CPU under the interpreter, which stands in for
+    it in tests). On a GPU one wide matmul beats two or three (docs/benchmarks.md, eighth round). On
+    a CPU the concatenated weights cost more than they save: a copy of every weight per forward
+    against matmuls that are no faster together (one-token decoding of the 17M model, 2 cores:
+    5.5 ms per token fused, 3.6 ms apart)."""
+    return runs_on(x.device) if fuse_projections is None else fuse_projections
+
+
 def unhooked(*modules: nn.Module) -> bool:
     """Whether no forward hook is registered on any of ``modules``: only then may a fused projection
     read their weights directly instead of calling them (a wrapper that gathers or swaps a Linear's
@@ -241,12 +251,12 @@ class KVCache:
 class MultiHeadSelfAttention(nn.Module):
     """Causal multi-head self-attention. Head h uses rows ``h*D:(h+1)*D`` of each projection.
 
-    ``fuse_projections`` (default True; an attribute, per instance): q, k and v come from one
-    ``(T, C) x (C, 3C)`` matmul on the three weights concatenated at each forward (the parameters
-    stay ``q_proj``, ``k_proj``, ``v_proj``); one GEMM instead of three, forward and backward.
-    Not while any of the three has a forward hook (`unhooked`): then each is called."""
+    ``fuse_projections`` (an attribute, per instance; None = where Triton runs, `fuse_here`): q, k and
+    v come from one ``(T, C) x (C, 3C)`` matmul on the three weights concatenated at each forward (the
+    parameters stay ``q_proj``, ``k_proj``, ``v_proj``); one GEMM instead of three, forward and
+    backward. Not while any of the three has a forward hook (`unhooked`): then each is called."""
 
-    fuse_projections = True
+    fuse_projections: bool | None = None
 
     def __init__(
         self,
@@ -288,7 +298,7 @@ class MultiHeadSelfAttention(nn.Module):
             if self.attn_applies_rope and kv_cache is None:
                 rope_kw = {"rope": self.rope, "positions": pos}
         projections = (self.q_proj, self.k_proj, self.v_proj)
-        if self.fuse_projections and unhooked(*projections):  # q, k, v: views of one (..., T, 3C) product
+        if fuse_here(self.fuse_projections, x) and unhooked(*projections):  # q, k, v: views of one (..., T, 3C) product
             qkv = x @ torch.cat([p.weight for p in projections]).T
             packed = getattr(self.attn_fn, "qkv_packed", None)  # a backend that takes qkv as it is
             if packed is not None and kv_cache is None and qkv.dim() == 3 and (self.rope is None or rope_kw):
@@ -319,12 +329,12 @@ class MultiHeadSelfAttention(nn.Module):
 class SwiGLU(nn.Module):
     """``W2 (SiLU(W1 x) ⊙ W3 x)`` (Shazeer 2020).
 
-    ``fuse_projections`` (default True; an attribute, per instance): ``W1 x`` and ``W3 x`` come
-    from one matmul on ``[W1; W3]`` concatenated at each forward (the parameters stay ``w1``,
-    ``w3``), the gate reads the two halves of its ``(..., 2F)`` product. Not while ``w1`` or ``w3``
-    has a forward hook (`unhooked`)."""
+    ``fuse_projections`` (an attribute, per instance; None = where Triton runs, `fuse_here`): ``W1 x``
+    and ``W3 x`` come from one matmul on ``[W1; W3]`` concatenated at each forward (the parameters
+    stay ``w1``, ``w3``), the gate reads the two halves of its ``(..., 2F)`` product. Not while ``w1``
+    or ``w3`` has a forward hook (`unhooked`)."""
 
-    fuse_projections = True
+    fuse_projections: bool | None = None
 
     def __init__(self, d_model: int, d_ff: int, device=None, dtype=None):
         super().__init__()
@@ -333,7 +343,7 @@ class SwiGLU(nn.Module):
         self.w3 = Linear(d_model, d_ff, device=device, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.fuse_projections and unhooked(self.w1, self.w3):
+        if fuse_here(self.fuse_projections, x) and unhooked(self.w1, self.w3):
             ab = x @ torch.cat([self.w1.weight, self.w3.weight]).T  # (..., 2F): W1 x, then W3 x
             if (kernels := triton_kernels("fused_swiglu", ab)) is not None:
                 return self.w2(kernels.silu_mul_packed(ab))

@@ -170,6 +170,9 @@ def test_hooked_projections_are_called_not_fused():
     # a wrapper that acts in a Linear's forward hooks (FSDP gathers the weight there) sees the call;
     # the output is the fused one
     lm = M.TransformerLM(50, 16, 32, 1, 4, 40)
+    for m in lm.modules():
+        if hasattr(m, "fuse_projections"):
+            m.fuse_projections = True  # (on a CPU the default is not to fuse)
     ids = torch.randint(0, 50, (2, 7))
     fused = lm(ids)
     calls = []
@@ -179,6 +182,21 @@ def test_hooked_projections_are_called_not_fused():
     torch.testing.assert_close(lm(ids), fused, rtol=1e-5, atol=1e-6)
     assert calls == [block.attn.k_proj, block.ffn.w3]
     assert not M.unhooked(block.attn.k_proj) and M.unhooked(block.attn.q_proj)
+
+
+def test_projections_fuse_by_default_where_triton_runs(monkeypatch):
+    lm = M.TransformerLM(50, 16, 32, 1, 4, 40)
+    ids = torch.randint(0, 50, (2, 7))
+    cats = []
+    real_cat = torch.cat
+    monkeypatch.setattr(torch, "cat", lambda *a, **k: cats.append(1) or real_cat(*a, **k))
+    monkeypatch.setattr(M, "runs_on", lambda device: False)  # a CPU without the interpreter
+    lm(ids)
+    assert cats == []  # three and two matmuls, no concatenated weights
+    monkeypatch.setattr(M, "runs_on", lambda device: True)  # CUDA (or the interpreter)
+    lm(ids)
+    assert len(cats) == 2  # [q; k; v] and [W1; W3]
+    assert M.fuse_here(False, ids) is False and M.fuse_here(True, ids) is True
 
 
 def test_attention_backend_callable_and_errors():
