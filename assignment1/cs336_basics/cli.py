@@ -15,6 +15,7 @@ COMMANDS = {
     "tokenize": ("cs336_basics.tokenize_corpus", "Encode a text file into a flat token-id array."),
     "train": ("cs336_basics.train", "Pretrain a Transformer LM on token-id files."),
     "generate": ("cs336_basics.generate", "Sample text from a checkpoint."),
+    "evaluate": ("cs336_basics.evaluate", "Score a checkpoint on a whole token file (loss, perplexity, bits/byte)."),
 }
 
 
