@@ -60,8 +60,8 @@ def main() -> None:
     torch.manual_seed(0)
     lm = TransformerLM(cfg.vocab_size, cfg.context_length, cfg.d_model, cfg.num_layers, cfg.num_heads, cfg.d_ff,
                        cfg.rope_theta, attn_backend="sdpa", device=device).eval()
-    name = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
-    header = (f"{args.preset} | {device}{name}, {torch.get_num_threads()} CPU threads | torch {torch.__version__} | "
+    gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
+    header = (f"{args.preset} | {device}{gpu}, {torch.get_num_threads()} CPU threads | torch {torch.__version__} | "
               f"{args.tokens} new tokens per sample")
     print(header)
     print("| variant | samples | ms per step | tokens/s |\n|---|---:|---:|---:|")

@@ -29,10 +29,8 @@ def load_tokens(path: str | os.PathLike, vocab_size: int | None = None) -> np.me
     path = Path(path)
     if not path.is_file():
         raise DataError(f"token file not found: {path}")
+    meta = read_sidecar(path)
     sidecar = Path(str(path) + ".json")
-    if not sidecar.is_file():
-        raise DataError(f"{path}: missing sidecar {sidecar.name} (written by `cs336-basics tokenize`) naming the dtype")
-    meta = json.loads(sidecar.read_text())
     try:
         dtype = np.dtype(meta["dtype"])
     except (KeyError, TypeError):
@@ -45,6 +43,14 @@ def load_tokens(path: str | os.PathLike, vocab_size: int | None = None) -> np.me
     if vocab_size is not None:
         check_token_range(tokens, vocab_size, name=str(path))
     return tokens
+
+
+def read_sidecar(path: str | os.PathLike) -> dict:
+    """The ``<file>.json`` sidecar of a token file (dtype, token count, bytes per token, ...)."""
+    sidecar = Path(str(path) + ".json")
+    if not sidecar.is_file():
+        raise DataError(f"{path}: missing sidecar {sidecar.name} (written by `cs336-basics tokenize`) naming the dtype")
+    return json.loads(sidecar.read_text())
 
 
 def check_token_range(tokens: npt.NDArray, vocab_size: int, name: str = "dataset", chunk: int = 1 << 24) -> None:
@@ -107,4 +113,26 @@ def eval_batches(
     for i in range(0, n_use, batch_size):
         idx = starts[i:i + batch_size, None] + np.arange(context_length + 1)
         window = np.asarray(dataset[idx])
+        yield _to_device(window[:, :-1], device), _to_device(window[:, 1:], device)
+
+
+def num_windows(n_tokens: int, context_length: int) -> int:
+    """How many windows of `file_windows` fit in ``n_tokens`` tokens."""
+    return (n_tokens - 1) // context_length
+
+
+def file_windows(tokens: npt.NDArray, context_length: int, batch_size: int, device: str | torch.device,
+                 max_tokens: int | None = None):
+    """``(x, y)`` batches ``(B, T)`` of consecutive windows over the first ``max_tokens`` tokens (all by
+    default): window k is ``tokens[kT : kT + T + 1]``, overlapping the next by one token, so every token
+    after the first is predicted once; the last batch may be smaller, a tail shorter than a window is
+    left out."""
+    n = len(tokens) if max_tokens is None else min(len(tokens), max_tokens)
+    n_windows = num_windows(n, context_length)
+    if n_windows == 0:
+        raise DataError(f"{n} tokens are fewer than one window (context_length + 1 = {context_length + 1})")
+    offsets = np.arange(context_length + 1)
+    for first in range(0, n_windows, batch_size):
+        starts = np.arange(first, min(first + batch_size, n_windows)) * context_length
+        window = np.asarray(tokens[starts[:, None] + offsets])
         yield _to_device(window[:, :-1], device), _to_device(window[:, 1:], device)

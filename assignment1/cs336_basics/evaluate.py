@@ -18,42 +18,31 @@ import contextlib
 import json
 import math
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import numpy.typing as npt
 import torch
 from torch import nn
 
 from cs336_basics.checkpoint import CheckpointError
-from cs336_basics.data import DataError, check_token_range, load_tokens
-
-
-def file_windows(tokens: npt.NDArray, context_length: int, batch_size: int, device: str | torch.device,
-                 max_tokens: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """``(x, y)`` batches ``(B, T)`` of consecutive windows over the first ``max_tokens`` tokens (all by
-    default): window k is ``tokens[kT : kT + T + 1]``; the last batch may be smaller."""
-    n = len(tokens) if max_tokens is None else min(len(tokens), max_tokens)
-    n_windows = (n - 1) // context_length
-    if n_windows == 0:
-        raise DataError(f"{n} tokens are fewer than one window (context_length + 1 = {context_length + 1})")
-    offsets = np.arange(context_length + 1)
-    for first in range(0, n_windows, batch_size):
-        starts = np.arange(first, min(first + batch_size, n_windows)) * context_length
-        window = torch.from_numpy(np.asarray(tokens[starts[:, None] + offsets]).astype(np.int64)).to(device)
-        yield window[:, :-1], window[:, 1:]
+from cs336_basics.data import (
+    check_token_range,
+    file_windows,
+    load_tokens,
+    num_windows,
+    read_sidecar,
+)
 
 
 @torch.no_grad()
 def evaluate_file(model: nn.Module, tokens: npt.NDArray, context_length: int, batch_size: int = 32,
                   device: str | torch.device = "cpu", max_tokens: int | None = None, bytes_per_token: float | None = None,
                   autocast_dtype: torch.dtype | None = None, progress: bool = False) -> dict:
-    """Mean cross-entropy (nats) over every predicted token of `file_windows`, with its perplexity,
+    """Mean cross-entropy (nats) over every predicted token of `data.file_windows`, with its perplexity,
     and bits per byte when ``bytes_per_token`` is known. ``model(x, targets=y)`` returns the mean loss
     of a batch (a ``TransformerLM``)."""
     device = torch.device(device)
-    n_windows = ((len(tokens) if max_tokens is None else min(len(tokens), max_tokens)) - 1) // context_length
+    n_windows = num_windows(len(tokens) if max_tokens is None else min(len(tokens), max_tokens), context_length)
     autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())
     was_training = model.training
@@ -103,7 +92,7 @@ def cli_main(argv: list[str] | None = None) -> int:
         model = load_model_from_checkpoint(args.checkpoint, device)
         check_token_range(tokens if args.max_tokens is None else tokens[:args.max_tokens], model.vocab_size,
                           name=args.data)
-        meta = json.loads(Path(args.data + ".json").read_text())
+        meta = read_sidecar(args.data)
         use_amp = device.type in ("cuda", "mps") and args.dtype == "bf16"
         result = evaluate_file(model, tokens, model.context_length, args.batch_size, device, args.max_tokens,
                                meta.get("bytes_per_token"), torch.bfloat16 if use_amp else None, progress=True)

@@ -102,6 +102,10 @@ def scalars(row: dict, prefix: str = "") -> dict:
     return out
 
 
+def _mps_available() -> bool:
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+
+
 def pick_device(name: str) -> torch.device:
     """``"auto"``: cuda > mps > cpu. Otherwise the named device, with a ``ValueError`` saying why
     when it is not a device name or is not on this machine (instead of a failure at the first tensor)."""
@@ -117,12 +121,12 @@ def pick_device(name: str) -> torch.device:
                                  "is False); use --device cpu, or auto")
             if device.index is not None and device.index >= n:
                 raise ValueError(f"device {name!r}: this machine has {n} CUDA GPU(s), cuda:0 to cuda:{n - 1}")
-        if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        if device.type == "mps" and not _mps_available():
             raise ValueError(f"device {name!r}: Apple's MPS backend is not available here; use --device cpu, or auto")
         return device
     if torch.cuda.is_available():
         return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+    if _mps_available():
         return torch.device("mps")
     return torch.device("cpu")
 

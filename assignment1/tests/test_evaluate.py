@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from cs336_basics.checkpoint import save_checkpoint
 from cs336_basics.config import TrainConfig
-from cs336_basics.evaluate import cli_main, evaluate_file, file_windows
+from cs336_basics.data import file_windows
+from cs336_basics.evaluate import cli_main, evaluate_file
 from cs336_basics.model import TransformerLM
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py

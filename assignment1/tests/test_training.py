@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import signal
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -369,7 +370,7 @@ class _FakeWandb:
 
 def test_wandb_logs_every_row_and_a_resumed_run_continues_the_same_wandb_run(tmp_path, monkeypatch):
     fake = _FakeWandb()
-    monkeypatch.setitem(__import__("sys").modules, "wandb", fake)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
     cfg = _cfg(tmp_path, wandb=True, max_steps=12, profile_steps=1)  # profiles step 10
     T.train(cfg)
     first = fake.inits[0]
@@ -388,7 +389,7 @@ def test_wandb_logs_every_row_and_a_resumed_run_continues_the_same_wandb_run(tmp
 
 
 def test_wandb_missing_is_a_clear_error_before_writing(tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(__import__("sys").modules, "wandb", None)  # import wandb raises ImportError
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
     cfg = _cfg(tmp_path, wandb=True)
     with pytest.raises(T.TrainingStopped, match=r"pip install 'cs336-basics\[wandb\]'"):
         T.train(cfg)
